@@ -1,0 +1,309 @@
+"""The configuration: one TOML file turned into frozen attrs values.
+
+Every problem in a file is reported at once, each named by its key path (``smtp.listeners[1].tls``), so an
+operator fixes a config in one pass instead of one error per start. Unknown keys are errors: a misspelt key
+that silently falls back to a default is how mail ends up on the wrong port.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+_LISTENER_TLS_MODES = ("none", "starttls", "implicit")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` lists every one by key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+        self.problems = problems
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _not_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _check(validator: Callable[[Any], str | None]) -> dict[str, Any]:
+    return {"check": validator}
+
+
+@attrs.frozen
+class GeneralConfig:
+    #: The name this installation uses in greetings, Received headers and as default HELO name.
+    hostname: str = "localhost"
+    #: Where the embedded SQLite database, the embedded Redis and generated TLS keys live.
+    data_dir: str = "data"
+
+
+@attrs.frozen
+class DatabaseConfig:
+    #: SQLAlchemy URL; empty means SQLite at ``<data_dir>/mtad.sqlite3``.
+    url: str = ""
+    #: Threads in the database pool (SQL never runs on the reactor thread).
+    pool_size: int = attrs.field(default=4, metadata=_check(_positive))
+
+
+@attrs.frozen
+class RedisConfig:
+    #: ``redis://host:port/db`` or ``unix:///path?db=N``; empty means an embedded Redis in ``data_dir``.
+    url: str = ""
+    #: Seconds before a Redis command is abandoned and the caller told to try again later.
+    timeout: float = attrs.field(default=10.0, metadata=_check(_positive))
+
+
+@attrs.frozen
+class ListenerConfig:
+    #: A Twisted server endpoint string, e.g. ``tcp:2525:interface=127.0.0.1``.
+    endpoint: str
+    #: ``none``, ``starttls`` (offered after EHLO) or ``implicit`` (TLS from the first byte, port 465).
+    tls: str = attrs.field(default="starttls", metadata=_check(_one_of(*_LISTENER_TLS_MODES)))
+    #: Name used in logs and the status endpoint; defaults to the endpoint string.
+    name: str = ""
+    #: Offer AUTH before TLS (only for trusted networks).
+    allow_plaintext_auth: bool = False
+    max_connections: int = attrs.field(default=1000, metadata=_check(_positive))
+    max_connections_per_ip: int = attrs.field(default=50, metadata=_check(_positive))
+
+
+@attrs.frozen
+class SMTPServerConfig:
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(endpoint="tcp:2525:interface=127.0.0.1"),)
+    #: Largest message accepted, in octets (advertised with SIZE, RFC 1870).
+    max_message_size: int = attrs.field(default=25 * 1024 * 1024, metadata=_check(_positive))
+    #: Recipients per message (RFC 5321 §4.5.3.1.8 requires at least 100 be accepted).
+    max_recipients: int = attrs.field(default=100, metadata=_check(_positive))
+    #: Bad commands before a session is closed with 421.
+    max_bad_commands: int = attrs.field(default=10, metadata=_check(_positive))
+    #: Failed AUTH attempts per client IP within ``auth_failure_window`` before AUTH is refused.
+    max_auth_failures: int = attrs.field(default=5, metadata=_check(_positive))
+    auth_failure_window: float = attrs.field(default=300.0, metadata=_check(_positive))
+    #: PEM certificate chain and key for STARTTLS / implicit TLS; empty means a self-signed pair
+    #: generated in ``data_dir`` on first start.
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+
+
+@attrs.frozen
+class HTTPConfig:
+    #: Endpoint strings for the HTTP API, status and metrics.
+    listeners: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+
+
+@attrs.frozen
+class DNSConfig:
+    #: ``host`` or ``host:port`` of recursive resolvers; empty means the system's resolv.conf.
+    nameservers: tuple[str, ...] = ()
+    timeout: float = attrs.field(default=5.0, metadata=_check(_positive))
+    #: Also look up AAAA records of MX hosts.
+    use_ipv6: bool = False
+
+
+@attrs.frozen
+class RetryConfig:
+    """Soft-failure back-off: ``base_delay × factor^attempt`` seconds, Postal's schedule by default."""
+
+    base_delay: float = attrs.field(default=300.0, metadata=_check(_positive))
+    factor: float = attrs.field(default=1.3, metadata=_check(_positive))
+    max_attempts: int = attrs.field(default=18, metadata=_check(_positive))
+
+
+@attrs.frozen
+class DeliveryConfig:
+    #: Run the delivery loop in this process (turn off for SMTP/API-only processes).
+    enabled: bool = True
+    #: Messages in flight at once in this process.
+    concurrency: int = attrs.field(default=200, metadata=_check(_positive))
+    #: Messages claimed from the queue per round.
+    batch_size: int = attrs.field(default=100, metadata=_check(_positive))
+    #: Seconds a claimed message is ours before another process may take it.
+    lease_seconds: float = attrs.field(default=600.0, metadata=_check(_positive))
+    #: Seconds between polls of an empty queue.
+    poll_interval: float = attrs.field(default=1.0, metadata=_check(_positive))
+    #: Concurrent outbound connections per source address, over all processes.
+    max_connections_per_ip: int = attrs.field(default=100, metadata=_check(_positive))
+    #: Concurrent outbound connections per (source address, destination MX host).
+    max_connections_per_destination: int = attrs.field(default=10, metadata=_check(_positive))
+    #: Messages sent over one connection before it is closed.
+    max_messages_per_connection: int = attrs.field(default=100, metadata=_check(_positive))
+    #: Pool used by servers that name none.
+    default_pool: str = "default"
+    #: Connect timeout in seconds for outbound SMTP.
+    connect_timeout: float = attrs.field(default=30.0, metadata=_check(_positive))
+    #: Days a held message is kept before it expires.
+    hold_days: float = attrs.field(default=7.0, metadata=_check(_positive))
+    retry: RetryConfig = RetryConfig()
+
+
+@attrs.frozen
+class SourceAddressConfig:
+    #: Local address outbound connections bind to.
+    ip: str
+    #: HELO/EHLO name for connections from this address (should match its PTR record).
+    hostname: str = ""
+
+
+@attrs.frozen
+class IPPoolConfig:
+    name: str
+    addresses: tuple[SourceAddressConfig, ...] = ()
+
+
+@attrs.frozen
+class Config:
+    general: GeneralConfig = GeneralConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    redis: RedisConfig = RedisConfig()
+    smtp: SMTPServerConfig = SMTPServerConfig()
+    http: HTTPConfig = HTTPConfig()
+    dns: DNSConfig = DNSConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
+    #: source address and ``general.hostname`` as HELO name.
+    ip_pools: tuple[IPPoolConfig, ...] = ()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.general.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_path.resolve() / 'mtad.sqlite3'}"
+
+    def pools(self) -> tuple[IPPoolConfig, ...]:
+        """The configured pools, or the implicit default pool."""
+        if self.ip_pools:
+            return self.ip_pools
+        return (IPPoolConfig(name=self.delivery.default_pool, addresses=(SourceAddressConfig(ip=""),)),)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and check a TOML config file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from e
+    return parse_config(data)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Turn parsed TOML into a :class:`Config`, collecting every problem before raising."""
+    problems: list[str] = []
+    config = _build(Config, data, "", problems)
+    if config is not None:
+        problems.extend(_cross_checks(config))
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Config) -> list[str]:
+    problems = []
+    names = [p.name for p in config.ip_pools]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append(f"ip_pools[{i}].name: duplicate pool name {name!r}")
+    if config.ip_pools and config.delivery.default_pool not in names:
+        problems.append(f"delivery.default_pool: no pool named {config.delivery.default_pool!r} in ip_pools")
+    for i, pool in enumerate(config.ip_pools):
+        if not pool.addresses:
+            problems.append(f"ip_pools[{i}].addresses: a pool needs at least one address")
+    listener_names = [listener.name or listener.endpoint for listener in config.smtp.listeners]
+    for i, name in enumerate(listener_names):
+        if name in listener_names[:i]:
+            problems.append(f"smtp.listeners[{i}]: duplicate listener name {name!r}")
+    if bool(config.smtp.tls_certificate) != bool(config.smtp.tls_private_key):
+        problems.append("smtp.tls_certificate: tls_certificate and tls_private_key must be set together")
+    return problems
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | None:
+    """Build attrs class ``cls`` from a TOML table, appending problems named by key path."""
+    if not isinstance(data, Mapping):
+        problems.append(f"{path or '<top>'}: must be a table")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            problems.append(f"{_join(path, key)}: unknown key")
+    kwargs: dict[str, Any] = {}
+    ok = True
+    for name, field in fields.items():
+        key_path = _join(path, name)
+        if name not in data:
+            if field.default is attrs.NOTHING:
+                problems.append(f"{key_path}: required key is missing")
+                ok = False
+            continue
+        before = len(problems)
+        value = _convert(hints[name], data[name], key_path, problems)
+        if len(problems) > before:
+            ok = False
+            continue
+        check = field.metadata.get("check")
+        if check is not None:
+            message = check(value)
+            if message:
+                problems.append(f"{key_path}: {message} (got {data[name]!r})")
+                ok = False
+                continue
+        kwargs[name] = value
+    return cls(**kwargs) if ok else None
+
+
+def _convert(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if not isinstance(value, list):
+            problems.append(f"{path}: must be an array")
+            return None
+        return tuple(_convert(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+    if attrs.has(hint):
+        return _build(hint, value, path, problems)
+    if origin is types.UnionType:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        problems.append(f"{path}: must be an integer (got {value!r})")
+        return None
+    if not isinstance(value, hint):
+        problems.append(f"{path}: must be {_type_name(hint)} (got {value!r})")
+        return None
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))
