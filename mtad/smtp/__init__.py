@@ -1,0 +1,1 @@
+"""SMTP: sans-I/O server and client state machines with thin Twisted glue."""
