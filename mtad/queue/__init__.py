@@ -1,0 +1,1 @@
+"""The Redis queue: keys, Lua scripts, the embedded Redis supervisor."""

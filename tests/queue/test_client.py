@@ -1,0 +1,39 @@
+"""Redis URL parsing."""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from mtad.queue.client import RedisAddress, parse_redis_url
+
+
+class ParseRedisUrlTests(unittest.SynchronousTestCase):
+    def test_tcp_with_db(self) -> None:
+        """redis://host:port/db gives host, port and database."""
+        self.assertEqual(
+            parse_redis_url("redis://10.0.0.5:6380/3"), RedisAddress(host="10.0.0.5", port=6380, db=3)
+        )
+
+    def test_tcp_defaults(self) -> None:
+        """Port defaults to 6379 and database to 0."""
+        self.assertEqual(parse_redis_url("redis://redis.internal"), RedisAddress(host="redis.internal"))
+
+    def test_tcp_credentials(self) -> None:
+        """User and password (percent-decoded) come from the URL's userinfo."""
+        address = parse_redis_url("redis://mtad:p%40ss@h:1/0")
+        self.assertEqual((address.username, address.password), ("mtad", "p@ss"))
+        self.assertNotIn("p@ss", address.describe())
+
+    def test_unix_socket_with_db(self) -> None:
+        """unix:///path?db=N gives the socket path and database."""
+        self.assertEqual(
+            parse_redis_url("unix:///run/redis/redis.sock?db=2"),
+            RedisAddress(path="/run/redis/redis.sock", db=2),
+        )
+
+    def test_errors_name_the_problem(self) -> None:
+        """Bad scheme, bad database and missing socket path are ValueErrors quoting the URL."""
+        for url in ("http://h/0", "redis://h/x", "unix://", "redis://h/-1", "redis:///0"):
+            with self.assertRaises(ValueError) as caught:
+                parse_redis_url(url)
+            self.assertIn(url, str(caught.exception))

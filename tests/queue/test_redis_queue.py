@@ -1,0 +1,323 @@
+"""The queue scripts against a real Redis: enqueue, claim, leases, settle, held messages, stats."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import gatherResults
+
+from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage
+from mtad.queue.redis_queue import RedisQueue
+from tests.redis_server import RedisTestCase
+
+NOW = 1_700_000_000.0
+BODY = b"Subject: hi \xf0\x9f\x98\x80\r\n\r\nHello\r\n"
+
+
+def message(rcpt: str = "a@example.test", **changes: Any) -> NewMessage:
+    values: dict[str, Any] = {
+        "token": "tok-" + rcpt,
+        "server_id": 7,
+        "scope": "outgoing",
+        "mail_from": "sender@example.test",
+        "rcpt_to": rcpt,
+        "pool": "main",
+    }
+    values.update(changes)
+    return NewMessage(**values)
+
+
+class QueueTestCase(RedisTestCase):
+    queue: RedisQueue
+
+    async def _set_up_redis(self) -> None:
+        await super()._set_up_redis()
+        self.queue = RedisQueue(self.redis, self.keys)
+
+    async def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every event in the stream as (type, data)."""
+        entries = await self.redis.execute("XRANGE", self.keys.events, "-", "+")
+        result = []
+        for _id, fields in entries:
+            values = {fields[i].decode(): fields[i + 1] for i in range(0, len(fields), 2)}
+            result.append((values["type"].decode(), json.loads(values["data"])))
+        return result
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self.redis.execute("EXISTS", key))
+
+    async def claim_one(self, now: float = NOW, lease: float = 60.0, owner: str = "w1") -> ClaimedMessage:
+        claimed = await self.queue.claim(now, 10, lease, owner)
+        self.assertEqual(len(claimed), 1)
+        return claimed[0]
+
+
+class EnqueueTests(QueueTestCase):
+    async def test_enqueue_allocates_increasing_ids(self) -> None:
+        """Each message gets its own id from one counter; later calls get larger ids."""
+        first = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        second = await self.queue.enqueue(BODY, [message("c@x.test")], NOW)
+        self.assertEqual(first[1], first[0] + 1)
+        self.assertGreater(second[0], first[1])
+
+    async def test_body_stored_once_for_many_recipients(self) -> None:
+        """Three recipients of one DATA share a single body key with refcount 3."""
+        ids = await self.queue.enqueue(BODY, [message(f"r{i}@x.test") for i in range(3)], NOW)
+        bodies = {(await self.queue.message_fields(i))["body"] for i in ids}
+        self.assertEqual(len(bodies), 1)
+        (body_key,) = bodies
+        self.assertEqual(body_key, self.keys.body(ids[0]))
+        self.assertEqual(await self.redis.execute("HGET", body_key, "data"), BODY)
+        self.assertEqual(await self.redis.execute("HGET", body_key, "refs"), b"3")
+
+    async def test_message_hash_holds_envelope_and_fields(self) -> None:
+        """The hash keeps the envelope, metadata and the caller's extra fields, Unicode intact."""
+        (mid,) = await self.queue.enqueue(
+            BODY, [message("ü@x.test", fields={"subject": "Grüße 😀", "tag": "t1"})], NOW
+        )
+        fields = await self.queue.message_fields(mid)
+        self.assertEqual(fields["id"], str(mid))
+        self.assertEqual(fields["rcpt_to"], "ü@x.test")
+        self.assertEqual(fields["subject"], "Grüße 😀")
+        self.assertEqual(fields["tag"], "t1")
+        self.assertEqual(fields["attempts"], "0")
+        self.assertEqual(fields["state"], "due")
+        self.assertEqual(float(fields["created_at"]), NOW)
+        self.assertEqual(fields["server_id"], "7")
+        self.assertEqual(fields["pool"], "main")
+
+    async def test_enqueue_appends_queued_events_in_same_call(self) -> None:
+        """One message.queued event per message, carrying the allocated id and the caller's event data."""
+        ids = await self.queue.enqueue(
+            BODY,
+            [message("a@x.test", event={"subject": "Hi 😀"}), message("b@x.test")],
+            NOW,
+        )
+        events = await self.events()
+        self.assertEqual([t for t, _ in events], ["message.queued", "message.queued"])
+        self.assertEqual([d["id"] for _, d in events], ids)
+        first = events[0][1]
+        self.assertEqual(first["subject"], "Hi 😀")
+        self.assertEqual(first["token"], "tok-a@x.test")
+        self.assertEqual(first["size"], len(BODY))
+        self.assertEqual(first["timestamp"], NOW)
+        self.assertEqual(first["server_id"], 7)
+        self.assertEqual(events[1][1]["rcpt_to"], "b@x.test")
+
+    async def test_reserved_fields_rejected(self) -> None:
+        """Callers cannot overwrite fields the scripts own (state, lease_token, ...)."""
+        with self.assertRaises(ValueError):
+            message(fields={"state": "leased"})
+
+    async def test_concurrent_enqueues_all_succeed(self) -> None:
+        """200 enqueues issued at once (pipelined, group commit) all succeed with distinct ids."""
+        calls = [self.queue.enqueue(BODY, [message(f"r{i}@x.test")], NOW) for i in range(200)]
+        results = await gatherResults(calls)
+        ids = [r[0] for r in results]
+        self.assertEqual(len(set(ids)), 200)
+        stats = await self.queue.stats(NOW)
+        self.assertEqual(stats.due_now, 200)
+        self.assertEqual(len(await self.events()), 200)
+
+
+class ClaimTests(QueueTestCase):
+    async def test_claim_returns_fields_and_body(self) -> None:
+        """A claim hands back the envelope, extra fields, lease and the body bytes."""
+        (mid,) = await self.queue.enqueue(BODY, [message(fields={"tag": "x"})], NOW)
+        claimed = await self.claim_one(NOW + 1, lease=30.0, owner="worker-1")
+        self.assertEqual(claimed.id, mid)
+        self.assertEqual(claimed.body, BODY)
+        self.assertEqual(claimed.rcpt_to, "a@example.test")
+        self.assertEqual(claimed.mail_from, "sender@example.test")
+        self.assertEqual(claimed.server_id, 7)
+        self.assertEqual(claimed.scope, "outgoing")
+        self.assertEqual(claimed.pool, "main")
+        self.assertEqual(claimed.attempts, 0)
+        self.assertEqual(claimed.lease_owner, "worker-1")
+        self.assertEqual(claimed.lease_deadline, NOW + 31)
+        self.assertEqual(claimed.fields, {"tag": "x"})
+        self.assertEqual((await self.queue.message_fields(mid))["state"], "leased")
+
+    async def test_claim_orders_by_due_time_and_respects_limit(self) -> None:
+        """Messages come out oldest-due first, at most ``limit`` per claim."""
+        ids = await self.queue.enqueue(
+            BODY,
+            [message("late@x.test", due_at=NOW - 1), message("early@x.test", due_at=NOW - 10)],
+            NOW,
+        )
+        (third,) = await self.queue.enqueue(BODY, [message("mid@x.test", due_at=NOW - 5)], NOW)
+        first_batch = await self.queue.claim(NOW, 2, 60, "w")
+        self.assertEqual([m.id for m in first_batch], [ids[1], third])
+        second_batch = await self.queue.claim(NOW, 2, 60, "w")
+        self.assertEqual([m.id for m in second_batch], [ids[0]])
+        self.assertEqual(await self.queue.claim(NOW, 2, 60, "w"), [])
+
+    async def test_claim_skips_messages_not_yet_due(self) -> None:
+        """A message scheduled for later is not claimed before its time."""
+        await self.queue.enqueue(BODY, [message(due_at=NOW + 100)], NOW)
+        self.assertEqual(await self.queue.claim(NOW, 10, 60, "w"), [])
+        self.assertEqual(len(await self.queue.claim(NOW + 100, 10, 60, "w")), 1)
+
+    async def test_shared_body_returned_to_every_claimed_sibling(self) -> None:
+        """Siblings sharing one body each come back with it."""
+        await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        claimed = await self.queue.claim(NOW, 10, 60, "w")
+        self.assertEqual([m.body for m in claimed], [BODY, BODY])
+
+    async def test_claimed_message_not_claimed_again(self) -> None:
+        """A leased message is invisible to other claims while its lease runs."""
+        await self.queue.enqueue(BODY, [message()], NOW)
+        await self.claim_one()
+        self.assertEqual(await self.queue.claim(NOW + 59, 10, 60, "w2"), [])
+
+    async def test_expired_lease_returns_message(self) -> None:
+        """After the lease deadline, the next claim takes the message again, with a new lease token."""
+        await self.queue.enqueue(BODY, [message()], NOW)
+        first = await self.claim_one(NOW, lease=60)
+        second = await self.claim_one(NOW + 61, lease=60, owner="w2")
+        self.assertEqual(second.id, first.id)
+        self.assertNotEqual(second.lease_token, first.lease_token)
+        self.assertEqual(second.attempts, 0)
+        self.assertFalse(await self.queue.ack(first.id, first.lease_token))
+        self.assertTrue(await self.queue.ack(second.id, second.lease_token))
+
+    async def test_requeue_expired_counts(self) -> None:
+        """requeue_expired moves only expired leases back to due and says how many."""
+        await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        claimed = await self.queue.claim(NOW, 1, 10, "w")
+        await self.queue.claim(NOW, 1, 100, "w")
+        self.assertEqual(await self.queue.requeue_expired(NOW + 50), 1)
+        stats = await self.queue.stats(NOW + 50)
+        self.assertEqual((stats.due_now, stats.leased), (1, 1))
+        fields = await self.queue.message_fields(claimed[0].id)
+        self.assertEqual(fields["state"], "due")
+        self.assertNotIn("lease_token", fields)
+
+
+class SettleTests(QueueTestCase):
+    async def test_ack_deletes_message_and_appends_event(self) -> None:
+        """ack deletes the message and appends the caller's event in the same call."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        claimed = await self.claim_one()
+        event = NewEvent("message.delivery", {"message_id": mid, "status": "Sent"})
+        self.assertTrue(await self.queue.ack(mid, claimed.lease_token, event))
+        self.assertEqual(await self.queue.message_fields(mid), {})
+        self.assertEqual(
+            (await self.events())[-1], ("message.delivery", {"message_id": mid, "status": "Sent"})
+        )
+        stats = await self.queue.stats(NOW)
+        self.assertEqual((stats.due_now, stats.leased, stats.oldest_age_seconds), (0, 0, None))
+
+    async def test_ack_with_stale_token_is_noop(self) -> None:
+        """ack with a wrong lease token changes nothing, appends no event and returns False."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        await self.claim_one()
+        self.assertFalse(await self.queue.ack(mid, "stale", NewEvent("message.delivery", {"x": 1})))
+        self.assertEqual((await self.queue.message_fields(mid))["state"], "leased")
+        self.assertEqual(len(await self.events()), 1)
+
+    async def test_body_deleted_with_last_reference(self) -> None:
+        """The shared body survives until the last sibling is acked, then is deleted."""
+        ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        body_key = self.keys.body(ids[0])
+        a, b = await self.queue.claim(NOW, 10, 60, "w")
+        self.assertTrue(await self.queue.ack(a.id, a.lease_token))
+        self.assertEqual(await self.redis.execute("HGET", body_key, "refs"), b"1")
+        self.assertTrue(await self.queue.ack(b.id, b.lease_token))
+        self.assertFalse(await self.exists(body_key))
+
+    async def test_retry_counts_attempt_and_reschedules(self) -> None:
+        """retry increments attempts and makes the message due again at the given time only."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        claimed = await self.claim_one()
+        event = NewEvent("message.delivery", {"message_id": mid, "status": "SoftFail"})
+        self.assertTrue(await self.queue.retry(mid, claimed.lease_token, NOW + 300, event))
+        self.assertEqual(await self.queue.claim(NOW + 299, 10, 60, "w"), [])
+        again = await self.claim_one(NOW + 300)
+        self.assertEqual(again.attempts, 1)
+        self.assertEqual(again.due_at, NOW + 300)
+        self.assertEqual((await self.events())[-1][1]["status"], "SoftFail")
+
+    async def test_retry_with_stale_token_is_noop(self) -> None:
+        """retry with a wrong lease token neither counts an attempt nor reschedules."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        await self.claim_one()
+        self.assertFalse(await self.queue.retry(mid, "stale", NOW + 300))
+        fields = await self.queue.message_fields(mid)
+        self.assertEqual((fields["attempts"], fields["state"]), ("0", "leased"))
+
+    async def test_extend_lease(self) -> None:
+        """extend_lease keeps a long delivery's message from being reclaimed; stale tokens are refused."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        claimed = await self.claim_one(NOW, lease=60)
+        self.assertFalse(await self.queue.extend_lease(mid, "stale", NOW + 500))
+        self.assertTrue(await self.queue.extend_lease(mid, claimed.lease_token, NOW + 500))
+        self.assertEqual(await self.queue.claim(NOW + 100, 10, 60, "w2"), [])
+        self.assertEqual(len(await self.queue.claim(NOW + 501, 10, 60, "w2")), 1)
+
+    async def test_release_returns_to_due_without_attempt(self) -> None:
+        """release makes the message due again at once, keeping its attempt count."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        claimed = await self.claim_one()
+        self.assertFalse(await self.queue.release(mid, "stale"))
+        self.assertTrue(await self.queue.release(mid, claimed.lease_token))
+        again = await self.claim_one(NOW)
+        self.assertEqual((again.id, again.attempts), (mid, 0))
+
+
+class HeldTests(QueueTestCase):
+    async def test_enqueue_held_is_not_due(self) -> None:
+        """A message enqueued held is kept but never claimed until released."""
+        (mid,) = await self.queue.enqueue(BODY, [message(held=True)], NOW)
+        self.assertEqual(await self.queue.claim(NOW + 1000, 10, 60, "w"), [])
+        stats = await self.queue.stats(NOW)
+        self.assertEqual((stats.held, stats.due_now), (1, 0))
+        self.assertTrue(await self.queue.release_held(mid, NOW + 5))
+        self.assertFalse(await self.queue.release_held(mid, NOW + 5))
+        self.assertEqual((await self.claim_one(NOW + 5)).id, mid)
+
+    async def test_hold_leased_message(self) -> None:
+        """hold moves a leased message to the held set (stale token: no-op) with its event."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        claimed = await self.claim_one()
+        self.assertFalse(await self.queue.hold(mid, "stale", NOW))
+        event = NewEvent("message.delivery", {"message_id": mid, "status": "Held"})
+        self.assertTrue(await self.queue.hold(mid, claimed.lease_token, NOW, event))
+        fields = await self.queue.message_fields(mid)
+        self.assertEqual(fields["state"], "held")
+        self.assertEqual((await self.queue.stats(NOW)).held, 1)
+        self.assertEqual((await self.events())[-1][1]["status"], "Held")
+
+    async def test_cancel_held_deletes_message_and_body(self) -> None:
+        """cancel_held removes a held message and its body; non-held messages are refused."""
+        (mid,) = await self.queue.enqueue(BODY, [message(held=True)], NOW)
+        (other,) = await self.queue.enqueue(BODY, [message()], NOW)
+        self.assertFalse(await self.queue.cancel_held(other))
+        self.assertTrue(await self.queue.cancel_held(mid, NewEvent("message.cancelled", {"message_id": mid})))
+        self.assertEqual(await self.queue.message_fields(mid), {})
+        self.assertFalse(await self.exists(self.keys.body(mid)))
+        self.assertEqual((await self.events())[-1], ("message.cancelled", {"message_id": mid}))
+        self.assertEqual((await self.queue.stats(NOW)).held, 0)
+
+
+class StatsTests(QueueTestCase):
+    async def test_stats_counts_each_state(self) -> None:
+        """stats splits due now / scheduled / leased / held and reports the oldest message's age."""
+        await self.queue.enqueue(BODY, [message("old@x.test")], NOW - 30)
+        await self.queue.enqueue(BODY, [message("later@x.test", due_at=NOW + 60)], NOW)
+        await self.queue.enqueue(BODY, [message("held@x.test", held=True)], NOW)
+        await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        await self.queue.claim(NOW, 1, 60, "w")
+        stats = await self.queue.stats(NOW)
+        self.assertEqual(
+            (stats.due_now, stats.scheduled, stats.leased, stats.held, stats.oldest_age_seconds),
+            (2, 1, 1, 1, 30.0),
+        )
+
+    async def test_persistence_info(self) -> None:
+        """persistence_info reports AOF and fsync settings of the test Redis."""
+        info = await self.queue.persistence_info()
+        self.assertIn("aof_enabled", info)
+        self.assertIsInstance(info["aof_enabled"], bool)
+        self.assertIn(info["appendfsync"], ("always", "everysec", "no", None))
