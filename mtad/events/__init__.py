@@ -1,0 +1,1 @@
+"""Event stream consumers: the SQL recorder, webhooks."""

@@ -1,0 +1,251 @@
+"""The recorder: reads the event stream and writes message history into SQL.
+
+Events arrive at least once (DESIGN.md, invariant 2): a recorder that crashes after writing a batch but
+before acknowledging it reads the same batch again. So `record_events` applies a batch in one transaction
+and is idempotent: messages are keyed by their Redis-allocated id, deliveries by the event id, and a status
+update never moves a message back to an older attempt's status. Events are acknowledged only after the
+transaction commits.
+
+An event that cannot be understood (unknown type, missing or ill-typed field) is logged and acknowledged
+rather than retried: retrying cannot fix it, and leaving it would stop the recorder on it forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import attrs
+from sqlalchemy.engine import Connection
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mtad.store.messages import (
+    DeliveryAttempt,
+    Message,
+    MessageStatus,
+    Scope,
+    record_delivery,
+    record_messages,
+)
+
+E = TypeVar("E", MessageStatus, Scope)
+
+MESSAGE_QUEUED = "message.queued"
+MESSAGE_DELIVERY = "message.delivery"
+
+
+@attrs.frozen
+class Event:
+    """One entry of the event stream: its stream id, its type and its payload."""
+
+    id: str
+    type: str
+    data: Mapping[str, Any]
+
+
+class EventSource(Protocol):
+    """What the recorder needs of the event stream (the queue's consumer group implements it)."""
+
+    def read(self, count: int) -> Deferred[list[Event]]:
+        """Up to ``count`` events not yet acknowledged by this consumer; may wait a while for some."""
+
+    def ack(self, ids: Sequence[str]) -> Deferred[None]:
+        """Mark events as done so that they are not read again."""
+
+
+class UnitOfWork(Protocol):
+    """What the recorder needs of `mtad.store.db.Database`: run a sync function in a transaction."""
+
+    def run(self, fn: Any, /, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
+
+
+@attrs.frozen
+class RecordResult:
+    recorded: int
+    #: Events that were not understood, with the reason, to be logged and acknowledged.
+    rejected: tuple[tuple[str, str], ...] = ()
+
+
+class _BadEvent(Exception):
+    pass
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in data:
+        raise _BadEvent(f"missing field {name!r}")
+    value = data[name]
+    # bool is an int in Python; a boolean where a number belongs is still a mistake.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+        raise _BadEvent(f"field {name!r} has wrong type {type(value).__name__}")
+    return value
+
+
+def _optional(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if data.get(name) is None:
+        return None
+    return _field(data, name, kind)
+
+
+def _number(data: Mapping[str, Any], name: str) -> float:
+    return float(_field(data, name, (int, float)))
+
+
+def _optional_number(data: Mapping[str, Any], name: str) -> float | None:
+    value = _optional(data, name, (int, float))
+    return None if value is None else float(value)
+
+
+def _enum_field(data: Mapping[str, Any], name: str, enum: type[E]) -> E:
+    value = _field(data, name, str)
+    try:
+        return enum(value)
+    except ValueError:
+        raise _BadEvent(f"field {name!r} has unknown value {value!r}") from None
+
+
+def parse_queued(event: Event) -> Message:
+    """A ``message.queued`` event as the Pending message row it creates."""
+    data = event.data
+    return Message(
+        id=_field(data, "id", int),
+        token=_field(data, "token", str),
+        server_id=_field(data, "server_id", int),
+        scope=_enum_field(data, "scope", Scope),
+        rcpt_to=_field(data, "rcpt_to", str),
+        mail_from=_field(data, "mail_from", str),
+        subject=_optional(data, "subject", str),
+        message_id=_optional(data, "message_id", str),
+        size=_field(data, "size", int),
+        status=MessageStatus.PENDING,
+        held=False,
+        hold_expiry=None,
+        last_delivery_attempt=None,
+        tag=_optional(data, "tag", str),
+        timestamp=_number(data, "timestamp"),
+    )
+
+
+def parse_delivery(event: Event) -> DeliveryAttempt:
+    """A ``message.delivery`` event as the attempt it records."""
+    data = event.data
+    return DeliveryAttempt(
+        event_id=event.id,
+        message_id=_field(data, "message_id", int),
+        attempt=_field(data, "attempt", int),
+        status=_enum_field(data, "status", MessageStatus),
+        code=_optional(data, "code", int),
+        output=_optional(data, "output", str),
+        details=_optional(data, "details", str),
+        sent_with_ssl=bool(_optional(data, "sent_with_ssl", bool)),
+        log_id=_optional(data, "log_id", str),
+        time=_optional_number(data, "time"),
+        timestamp=_number(data, "timestamp"),
+        hold_expiry=_optional_number(data, "hold_expiry"),
+    )
+
+
+def record_events(conn: Connection, events: Sequence[Event], now: float) -> RecordResult:
+    """Apply a batch of events in the caller's transaction; applying the same batch again changes nothing.
+
+    Events are applied in stream order, so a message's queued event is written before its deliveries.
+    """
+    recorded = 0
+    rejected: list[tuple[str, str]] = []
+    for event in events:
+        try:
+            if event.type == MESSAGE_QUEUED:
+                record_messages(conn, [parse_queued(event)], now)
+            elif event.type == MESSAGE_DELIVERY:
+                record_delivery(conn, parse_delivery(event), now)
+            else:
+                # Other consumers (webhooks) care about other events; the recorder skips them.
+                continue
+        except _BadEvent as e:
+            rejected.append((event.id, str(e)))
+            continue
+        recorded += 1
+    return RecordResult(recorded=recorded, rejected=tuple(rejected))
+
+
+class Recorder(Service):
+    """Reads batches from an `EventSource`, records them with `record_events`, acknowledges them.
+
+    One batch at a time: reading, writing and acknowledging are sequential, so at most one batch is ever
+    unacknowledged. After a failure (database down, Redis gone) it waits ``retry_delay`` seconds on the
+    injected clock and reads again; the unacknowledged events come back then.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        database: UnitOfWork,
+        source: EventSource,
+        clock: IReactorTime,
+        batch_size: int = 500,
+        idle_delay: float = 1.0,
+        retry_delay: float = 5.0,
+    ) -> None:
+        self._database = database
+        self._source = source
+        self._clock = clock
+        self.batch_size = batch_size
+        self.idle_delay = idle_delay
+        self.retry_delay = retry_delay
+        self._loop: Deferred[None] | None = None
+        self._waiting: Deferred[None] | None = None
+
+    async def record_batch(self) -> int:
+        """Read one batch, record it and acknowledge it; return how many events the batch had."""
+        events = await self._source.read(self.batch_size)
+        if not events:
+            return 0
+        result: RecordResult = await self._database.run(record_events, events, self._clock.seconds())
+        for event_id, reason in result.rejected:
+            self.log.warn(
+                "recorder dropped malformed event {event_id}: {reason}", event_id=event_id, reason=reason
+            )
+        await self._source.ack([event.id for event in events])
+        return len(events)
+
+    async def _run(self) -> None:
+        while self.running:
+            try:
+                count = await self.record_batch()
+                delay = 0.0 if count else self.idle_delay
+            except Exception:
+                self.log.failure(
+                    "recorder failed to record a batch; retrying in {delay}s", delay=self.retry_delay
+                )
+                delay = self.retry_delay
+            if delay and self.running:
+                self._waiting = deferLater(self._clock, delay)
+                try:
+                    await self._waiting
+                except Exception:
+                    pass  # Cancelled by stopService.
+                finally:
+                    self._waiting = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: self.log.failure("recorder stopped unexpectedly", f))
+
+    def stopService(self) -> Deferred[None]:
+        """Stop after the batch in hand is recorded (never mid-transaction); fires when the loop has ended."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._waiting is not None:
+            self._waiting.cancel()
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return Deferred.fromCoroutine(_nothing())
+        return loop
+
+
+async def _nothing() -> None:
+    return None

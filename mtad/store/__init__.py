@@ -1,0 +1,1 @@
+"""SQL store: tables, migrations, the database thread pool, repositories."""

@@ -1,0 +1,235 @@
+"""Message history: one row per recipient, and one row per delivery attempt.
+
+Rows are written by the event recorder (``mtad.events.recorder``) from the event stream, at least once, so
+every write here is idempotent: a message is keyed by the id Redis allocated for it, a delivery by the id of
+the event that reported it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from mtad.store.db import insert_ignoring_duplicates
+from mtad.store.tables import deliveries, messages
+
+
+class MessageStatus(enum.StrEnum):
+    """Postal's message statuses, which its API and webhooks expose unchanged."""
+
+    PENDING = "Pending"
+    SENT = "Sent"
+    SOFT_FAIL = "SoftFail"
+    HARD_FAIL = "HardFail"
+    HELD = "Held"
+    BOUNCED = "Bounced"
+    HOLD_CANCELLED = "HoldCancelled"
+    PROCESSED = "Processed"
+    ERROR = "Error"
+
+
+class Scope(enum.StrEnum):
+    OUTGOING = "outgoing"
+    INCOMING = "incoming"
+
+
+@attrs.frozen
+class Message:
+    id: int
+    token: str
+    server_id: int
+    scope: Scope
+    rcpt_to: str
+    mail_from: str
+    subject: str | None
+    #: The Message-ID header (RFC 5322 §3.6.4).
+    message_id: str | None
+    size: int
+    status: MessageStatus
+    held: bool
+    hold_expiry: float | None
+    last_delivery_attempt: float | None
+    tag: str | None
+    #: When the message was accepted.
+    timestamp: float
+
+
+@attrs.frozen
+class Delivery:
+    id: int
+    event_id: str
+    message_id: int
+    attempt: int
+    status: MessageStatus
+    code: int | None
+    output: str | None
+    details: str | None
+    sent_with_ssl: bool
+    log_id: str | None
+    #: Seconds the attempt took.
+    time: float | None
+    timestamp: float
+
+
+@attrs.frozen
+class DeliveryAttempt:
+    """A delivery attempt to record, as reported by the event with id ``event_id``."""
+
+    event_id: str
+    message_id: int
+    attempt: int
+    status: MessageStatus
+    output: str | None
+    details: str | None
+    sent_with_ssl: bool
+    timestamp: float
+    code: int | None = None
+    log_id: str | None = None
+    time: float | None = None
+    #: For ``Held``: when the hold lapses.
+    hold_expiry: float | None = None
+
+
+def record_messages(conn: Connection, new_messages: list[Message], now: float) -> None:
+    """Insert messages that are not recorded yet; ones already recorded are left as they are."""
+    insert_ignoring_duplicates(
+        conn,
+        messages,
+        [
+            {
+                "id": m.id,
+                "token": m.token,
+                "server_id": m.server_id,
+                "scope": m.scope.value,
+                "rcpt_to": m.rcpt_to,
+                "mail_from": m.mail_from,
+                "subject": m.subject,
+                "message_id": m.message_id,
+                "size": m.size,
+                "status": m.status.value,
+                "held": m.held,
+                "hold_expiry": m.hold_expiry,
+                "last_delivery_attempt": m.last_delivery_attempt,
+                "tag": m.tag,
+                "timestamp": m.timestamp,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for m in new_messages
+        ],
+    )
+
+
+def record_delivery(conn: Connection, attempt: DeliveryAttempt, now: float) -> None:
+    """Insert a delivery attempt (once per event) and bring its message's status up to date.
+
+    The message is updated only if this attempt is not older than the last one recorded, so a replayed old
+    event cannot turn a Sent message back into SoftFail.
+    """
+    insert_ignoring_duplicates(
+        conn,
+        deliveries,
+        [
+            {
+                "event_id": attempt.event_id,
+                "message_id": attempt.message_id,
+                "attempt": attempt.attempt,
+                "status": attempt.status.value,
+                "code": attempt.code,
+                "output": attempt.output,
+                "details": attempt.details,
+                "sent_with_ssl": attempt.sent_with_ssl,
+                "log_id": attempt.log_id,
+                "time": attempt.time,
+                "timestamp": attempt.timestamp,
+            }
+        ],
+    )
+    held = attempt.status is MessageStatus.HELD
+    conn.execute(
+        messages.update()
+        .where(
+            messages.c.id == attempt.message_id,
+            sa.or_(
+                messages.c.last_delivery_attempt.is_(None),
+                messages.c.last_delivery_attempt <= attempt.timestamp,
+            ),
+        )
+        .values(
+            status=attempt.status.value,
+            held=held,
+            hold_expiry=attempt.hold_expiry if held else None,
+            last_delivery_attempt=attempt.timestamp,
+            updated_at=now,
+        )
+    )
+
+
+def _message_from_row(row: sa.Row[*tuple[Any, ...]]) -> Message:
+    return Message(
+        id=row.id,
+        token=row.token,
+        server_id=row.server_id,
+        scope=Scope(row.scope),
+        rcpt_to=row.rcpt_to,
+        mail_from=row.mail_from,
+        subject=row.subject,
+        message_id=row.message_id,
+        size=row.size,
+        status=MessageStatus(row.status),
+        held=bool(row.held),
+        hold_expiry=row.hold_expiry,
+        last_delivery_attempt=row.last_delivery_attempt,
+        tag=row.tag,
+        timestamp=row.timestamp,
+    )
+
+
+def _delivery_from_row(row: sa.Row[*tuple[Any, ...]]) -> Delivery:
+    return Delivery(
+        id=row.id,
+        event_id=row.event_id,
+        message_id=row.message_id,
+        attempt=row.attempt,
+        status=MessageStatus(row.status),
+        code=row.code,
+        output=row.output,
+        details=row.details,
+        sent_with_ssl=bool(row.sent_with_ssl),
+        log_id=row.log_id,
+        time=row.time,
+        timestamp=row.timestamp,
+    )
+
+
+_MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("created_at", "updated_at")]
+
+
+def find_message(conn: Connection, id: int) -> Message | None:
+    row = conn.execute(sa.select(*_MESSAGE_COLUMNS).where(messages.c.id == id)).one_or_none()
+    return None if row is None else _message_from_row(row)
+
+
+def list_messages(
+    conn: Connection, server_id: int, limit: int = 100, before: float | None = None
+) -> list[Message]:
+    """A server's messages, newest first; page with ``before`` = the last timestamp seen."""
+    query = sa.select(*_MESSAGE_COLUMNS).where(messages.c.server_id == server_id)
+    if before is not None:
+        query = query.where(messages.c.timestamp < before)
+    query = query.order_by(messages.c.timestamp.desc(), messages.c.id.desc()).limit(limit)
+    return [_message_from_row(row) for row in conn.execute(query)]
+
+
+def list_deliveries(conn: Connection, message_id: int) -> list[Delivery]:
+    """A message's delivery attempts in the order they happened."""
+    query = (
+        sa.select(deliveries)
+        .where(deliveries.c.message_id == message_id)
+        .order_by(deliveries.c.timestamp, deliveries.c.id)
+    )
+    return [_delivery_from_row(row) for row in conn.execute(query)]

@@ -1,0 +1,150 @@
+"""The SQL schema as SQLAlchemy Core metadata: the one description that migrations are checked against.
+
+Conventions, chosen so that one schema runs unchanged on SQLite, PostgreSQL and MySQL/MariaDB:
+
+- Every time is a float of epoch seconds (``Double``: DOUBLE PRECISION / DOUBLE / REAL), never a DateTime.
+  Postal stores decimal timestamps in its message tables too; floats sort, compare and subtract the same way
+  on every backend and carry no timezone to get wrong.
+- Ids are 64-bit. SQLite only autoincrements an ``INTEGER PRIMARY KEY`` (the rowid alias), so the
+  autoincrement ids use an ``Integer`` variant there; SQLite integers are 64-bit anyway.
+- Free text (subjects, SMTP output) is ``Text`` with no length limit: a subject may be 10,000 emoji. MySQL
+  tables are ``utf8mb4`` (MySQL's ``utf8`` is 3 bytes and rejects emoji) and long text is ``MEDIUMTEXT``
+  there, since MySQL's ``TEXT`` stops at 64 KiB.
+- Indexed strings have lengths that fit MySQL's 3072-byte InnoDB key limit at 4 bytes per character.
+- History tables (messages, deliveries) have no foreign keys: they are written at least once from the event
+  stream, and a row that cannot be inserted must not poison a batch forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+#: Names for constraints and indexes so that migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+#: Table options: InnoDB with a 4-byte UTF-8 character set on MySQL/MariaDB; ignored elsewhere.
+TABLE_OPTIONS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_unicode_ci",
+}
+
+#: An autoincrementing 64-bit id (``INTEGER`` on SQLite so that it aliases the rowid).
+AutoId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+#: Unbounded text; ``MEDIUMTEXT`` (16 MiB) on MySQL/MariaDB.
+LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+#: Epoch seconds.
+Timestamp: sa.Double[float] = sa.Double()
+
+organizations = sa.Table(
+    "organizations",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("permalink", sa.String(255), nullable=False, unique=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    **TABLE_OPTIONS,
+)
+
+servers = sa.Table(
+    "servers",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("organization_id", sa.BigInteger, sa.ForeignKey("organizations.id"), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("permalink", sa.String(255), nullable=False),
+    # ``Live`` or ``Development`` (Development servers hold all outgoing mail, as in Postal).
+    sa.Column("mode", sa.String(16), nullable=False),
+    # Six lowercase characters, unique: it names the server in return paths (``<token>@rp.example``).
+    sa.Column("token", sa.String(16), nullable=False, unique=True),
+    sa.Column("suspended", sa.Boolean, nullable=False, default=False),
+    sa.Column("suspension_reason", sa.Text, nullable=True),
+    # Outgoing messages allowed per ``send_limit_period`` seconds; NULL means unlimited.
+    sa.Column("send_limit", sa.Integer, nullable=True),
+    sa.Column("send_limit_period", sa.Integer, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("organization_id", "permalink"),
+    **TABLE_OPTIONS,
+)
+
+credentials = sa.Table(
+    "credentials",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("server_id", sa.BigInteger, sa.ForeignKey("servers.id"), nullable=False, index=True),
+    # ``SMTP``, ``API`` or ``SMTP-IP``.
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    # SHA-256 (hex) of the secret for SMTP and API credentials; the secret itself is never stored.
+    sa.Column("key_hash", sa.String(64), nullable=True, unique=True),
+    # The IP address or CIDR network of an SMTP-IP credential (not a secret, stored as given).
+    sa.Column("network", sa.String(64), nullable=True),
+    sa.Column("hold", sa.Boolean, nullable=False, default=False),
+    sa.Column("last_used_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    **TABLE_OPTIONS,
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    # Allocated in Redis when the message is accepted (one id per recipient), never by the database.
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("token", sa.String(64), nullable=False, index=True),
+    sa.Column("server_id", sa.BigInteger, nullable=False),
+    # ``outgoing`` or ``incoming``.
+    sa.Column("scope", sa.String(16), nullable=False),
+    # RFC 5321 §4.5.3.1: a path is at most 256 octets; 320 leaves room for unusual but valid input.
+    sa.Column("rcpt_to", sa.String(320), nullable=False),
+    sa.Column("mail_from", sa.String(320), nullable=False),
+    sa.Column("subject", LongText, nullable=True),
+    # The Message-ID header (RFC 5322 §3.6.4); lines may be long, so no length limit.
+    sa.Column("message_id", sa.Text, nullable=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    # Pending/Sent/SoftFail/HardFail/Held/Bounced/HoldCancelled/Processed/Error (Postal's statuses).
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("held", sa.Boolean, nullable=False, default=False),
+    sa.Column("hold_expiry", Timestamp, nullable=True),
+    sa.Column("last_delivery_attempt", Timestamp, nullable=True),
+    sa.Column("tag", sa.String(255), nullable=True),
+    sa.Column("timestamp", Timestamp, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Index(None, "server_id", "timestamp"),
+    **TABLE_OPTIONS,
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    # The id of the event that recorded this attempt: inserting the same event twice is a no-op.
+    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("message_id", sa.BigInteger, nullable=False, index=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # The SMTP reply code of the attempt (RFC 5321 §4.2), if there was one.
+    sa.Column("code", sa.Integer, nullable=True),
+    sa.Column("output", LongText, nullable=True),
+    sa.Column("details", LongText, nullable=True),
+    sa.Column("sent_with_ssl", sa.Boolean, nullable=False, default=False),
+    sa.Column("log_id", sa.String(64), nullable=True),
+    # Seconds the attempt took.
+    sa.Column("time", sa.Double, nullable=True),
+    sa.Column("timestamp", Timestamp, nullable=False),
+    **TABLE_OPTIONS,
+)
