@@ -1,0 +1,1 @@
+"""Outbound delivery: IP pools, connection limits, MX resolution, retry policy."""

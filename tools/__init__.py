@@ -1,0 +1,1 @@
+"""Developer and test tools: fake DNS server, sink SMTP server, benchmarks and dev scripts."""
