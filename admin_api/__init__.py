@@ -1,0 +1,1 @@
+"""HTTP: the /api/v1 send API, management API, status and metrics."""

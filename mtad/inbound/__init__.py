@@ -1,0 +1,1 @@
+"""Inbound routing (later issues)."""

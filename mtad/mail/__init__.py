@@ -1,0 +1,1 @@
+"""Message content: MIME, DKIM, tracking."""

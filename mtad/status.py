@@ -1,0 +1,99 @@
+"""The status report behind ``GET /status``: queue depth, listeners, and whether Redis and SQL answer.
+
+Each probe is bounded and independent, so a dead Redis shows as ``reachable: false`` instead of hanging
+the endpoint that an operator opens precisely when something is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+import mtad
+
+
+class QueueProbe(Protocol):
+    def stats(self, now: float) -> Deferred[Any]: ...
+    def persistence_info(self) -> Deferred[dict[str, Any]]: ...
+
+
+@attrs.frozen
+class ListenerStatus:
+    name: str
+    kind: str
+    endpoint: str
+    tls: str
+
+
+class StatusReporter:
+    """Assembles the status report from live probes of the queue and the database."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        queue: QueueProbe,
+        database_ping: Callable[[], Awaitable[None]],
+        listeners: Sequence[ListenerStatus],
+        embedded_redis: bool,
+        timeout: float = 5.0,
+    ) -> None:
+        self._clock = clock
+        self._queue = queue
+        self._database_ping = database_ping
+        self._listeners = listeners
+        self._embedded_redis = embedded_redis
+        self._timeout = timeout
+        self.started_at = clock.seconds()
+
+    def report(self) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(self._report())
+
+    async def _bounded(self, d: Deferred[Any]) -> Any:
+        d.addTimeout(self._timeout, self._clock)
+        return await d
+
+    async def _report(self) -> dict[str, Any]:
+        now = self._clock.seconds()
+        redis: dict[str, Any] = {"embedded": self._embedded_redis}
+        queue: dict[str, Any] | None = None
+        try:
+            stats = await self._bounded(self._queue.stats(now))
+            queue = {
+                "due_now": stats.due_now,
+                "scheduled_later": stats.scheduled,
+                "leased": stats.leased,
+                "held": stats.held,
+                "oldest_message_age_seconds": stats.oldest_age_seconds,
+            }
+            redis["reachable"] = True
+            redis["persistence"] = await self._bounded(self._queue.persistence_info())
+        except Exception as e:
+            self.log.warn("status: Redis probe failed: {error}", error=str(e))
+            redis["reachable"] = False
+            redis["error"] = str(e) or type(e).__name__
+        database: dict[str, Any]
+        try:
+            await self._bounded(Deferred.fromCoroutine(_awaitable(self._database_ping())))
+            database = {"reachable": True}
+        except Exception as e:
+            self.log.warn("status: database probe failed: {error}", error=str(e))
+            database = {"reachable": False, "error": str(e) or type(e).__name__}
+        return {
+            "version": mtad.__version__,
+            "uptime_seconds": round(now - self.started_at, 3),
+            "queue": queue,
+            "redis": redis,
+            "database": database,
+            "listeners": [attrs.asdict(listener) for listener in self._listeners],
+        }
+
+
+async def _awaitable(a: Awaitable[None]) -> None:
+    await a
