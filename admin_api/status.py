@@ -29,7 +29,7 @@ class StatusApp:
     @app.route("/status", methods=["GET"])
     async def status(self, request: IRequest) -> bytes:
         report = await self._reporter.report()
-        request.setHeader(b"content-type", b"application/json")
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         healthy = report.get("redis", {}).get("reachable") and report.get("database", {}).get("reachable")
-        request.setResponseCode(200 if healthy else 503)
+        request.setResponseCode(200 if healthy else 503)  # type: ignore[no-untyped-call]
         return json.dumps(report, indent=2, sort_keys=True).encode("utf-8") + b"\n"

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from mtad.config import ConfigError, load_config
 from mtad.store import credentials as credential_store
 from mtad.store import organizations as organization_store
 from mtad.store import servers as server_store
@@ -26,38 +26,17 @@ from mtad.store.migrate import head_revision, schema_problem, schema_revision, u
 
 T = TypeVar("T")
 
-DEFAULT_DATA_DIR = "data"
-
 
 class CommandError(Exception):
     """A problem to report to the operator as one line, exiting with status 1."""
 
 
 def database_url_from_toml(path: str | Path | None) -> str:
-    """The database URL a config file names: ``[database] url``, else SQLite in ``[general] data_dir``.
-
-    Reads only those two keys; the daemon's full config loader (mtad.config) validates the rest.
-    """
-    document: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                document = tomllib.load(f)
-        except OSError as e:
-            raise CommandError(f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise CommandError(f"config {path} is not valid TOML: {e}") from None
-    general = document.get("general", {})
-    database = document.get("database", {})
-    if not isinstance(general, dict) or not isinstance(database, dict):
-        raise CommandError(f"config {path}: [general] and [database] must be tables")
-    url = database.get("url", "")
-    data_dir = general.get("data_dir", DEFAULT_DATA_DIR)
-    if not isinstance(url, str):
-        raise CommandError(f"config {path}: database.url must be a string")
-    if not isinstance(data_dir, str):
-        raise CommandError(f"config {path}: general.data_dir must be a string")
-    return url or f"sqlite:///{Path(data_dir).resolve() / 'mtad.sqlite3'}"
+    """The database URL the daemon would use with this config file (checked in full, as the daemon does)."""
+    try:
+        return load_config(path).database_url
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
 
 
 def _sqlite_path(url: str) -> Path | None:

@@ -148,6 +148,8 @@ class DeliveryConfig:
     max_messages_per_connection: int = attrs.field(default=100, metadata=_check(_positive))
     #: Pool used by servers that name none.
     default_pool: str = "default"
+    #: TCP port of remote MX hosts. Always 25 on the Internet; tests and smart-host setups change it.
+    port: int = attrs.field(default=25, metadata=_check(_positive))
     #: Connect timeout in seconds for outbound SMTP.
     connect_timeout: float = attrs.field(default=30.0, metadata=_check(_positive))
     #: Days a held message is kept before it expires.
@@ -194,7 +196,9 @@ class Config:
         """The configured pools, or the implicit default pool."""
         if self.ip_pools:
             return self.ip_pools
-        return (IPPoolConfig(name=self.delivery.default_pool, addresses=(SourceAddressConfig(ip=""),)),)
+        return (
+            IPPoolConfig(name=self.delivery.default_pool, addresses=(SourceAddressConfig(ip="0.0.0.0"),)),
+        )
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from mtad.queue.model import Event
 from mtad.store.messages import (
     DeliveryAttempt,
     Message,
@@ -36,15 +37,6 @@ E = TypeVar("E", MessageStatus, Scope)
 
 MESSAGE_QUEUED = "message.queued"
 MESSAGE_DELIVERY = "message.delivery"
-
-
-@attrs.frozen
-class Event:
-    """One entry of the event stream: its stream id, its type and its payload."""
-
-    id: str
-    type: str
-    data: Mapping[str, Any]
 
 
 class EventSource(Protocol):

@@ -312,3 +312,48 @@ async def _stop(port: object) -> None:
     result = port.stopListening()  # type: ignore[attr-defined]
     if isinstance(result, Deferred):
         await result
+
+
+def parse_nameservers(
+    entries: Sequence[str], resolv_conf: str = "/etc/resolv.conf"
+) -> tuple[tuple[str, int], ...]:
+    """``dns.nameservers`` entries (``host``, ``host:port``, ``[v6]:port``) as (host, port) pairs.
+
+    With no entries, the ``nameserver`` lines of ``resolv_conf`` (read once at start-up, as libc does);
+    raises ValueError naming the bad entry, or when neither gives a server.
+    """
+    servers: list[tuple[str, int]] = []
+    if not entries:
+        try:
+            with open(resolv_conf, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise ValueError(f"no dns.nameservers configured and {resolv_conf} unreadable: {e}") from e
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                servers.append((fields[1].split("%")[0], 53))
+        if not servers:
+            raise ValueError(f"no dns.nameservers configured and no nameserver line in {resolv_conf}")
+        return tuple(servers)
+    for entry in entries:
+        host, port = entry, 53
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            if rest:
+                port = _port(entry, rest.removeprefix(":"))
+        elif entry.count(":") == 1:
+            host, _, text = entry.partition(":")
+            port = _port(entry, text)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"nameserver {entry!r}: {host!r} is not an IP address") from None
+        servers.append((host, port))
+    return tuple(servers)
+
+
+def _port(entry: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"nameserver {entry!r}: bad port {text!r}")
+    return int(text)

@@ -128,6 +128,7 @@ class SMTPServerProtocol(Protocol):
         self._cancel_timer()
         if self.machine is not None:
             self.machine.connection_lost()
+        self.server_factory.sessions.discard(self)
         self.server_factory.connection_closed(self.client_ip)
 
     # -- actions ----------------------------------------------------------------------------------
@@ -320,6 +321,7 @@ class SMTPServerFactory(ServerFactory):
         self.new_session_id = new_session_id or (lambda: secrets.token_hex(8))
         self.connections = 0
         self.connections_per_ip: defaultdict[str, int] = defaultdict(int)
+        self.sessions: set[SMTPServerProtocol] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         ip = str(getattr(addr, "host", ""))
@@ -341,7 +343,19 @@ class SMTPServerFactory(ServerFactory):
         self.connections_per_ip[ip] += 1
         protocol = SMTPServerProtocol(self, ip)
         protocol.factory = self
+        self.sessions.add(protocol)
         return protocol
+
+    def close_all_sessions(self) -> None:
+        """Shutdown: tell every open session ``421 4.3.2`` and close it (RFC 5321 §3.8).
+
+        A client cut off before its 250 still holds its message and retries; nothing accepted is lost.
+        """
+        for protocol in list(self.sessions):
+            transport = protocol.transport
+            if transport is not None:
+                transport.write(Reply(421, "4.3.2", f"{self.settings.hostname} shutting down").to_bytes())
+                transport.loseConnection()
 
     def connection_closed(self, ip: str) -> None:
         """A session ended: free its connection slots."""
