@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mtad.store.db import AlreadyExists, NotFound, StoreError
+from mtad.store.servers import Server, find_server
 from mtad.store.tables import credentials, servers
 
 SECRET_ALPHABET = string.ascii_letters + string.digits
@@ -220,3 +221,31 @@ def delete_credential(conn: Connection, id: int) -> None:
     """Remove a credential; clients using it are refused from then on."""
     if conn.execute(credentials.delete().where(credentials.c.id == id)).rowcount == 0:
         raise NotFound(f"no credential with id {id}")
+
+
+def find_credential(conn: Connection, id: int) -> Credential | None:
+    """The credential with ``id`` (any type), or ``None`` once it has been deleted."""
+    row = conn.execute(sa.select(*_COLUMNS).where(credentials.c.id == id)).one_or_none()
+    return None if row is None else _from_row(row)
+
+
+def authenticate_smtp_key(
+    conn: Connection, key: str, now: float, touch_interval: float = 60.0
+) -> tuple[Credential, Server] | None:
+    """The SMTP credential whose password is ``key`` and its server, or ``None``; records the use.
+
+    One unit of work for SMTP AUTH (RFC 4954): lookup by hash as in `find_credential_by_key`, the server
+    in the same transaction, and ``last_used_at`` moved to ``now`` when it is more than ``touch_interval``
+    seconds old, so a client that opens many sessions costs one write per interval, not one per session.
+    The caller decides what a suspended server means; the credential is returned all the same.
+    """
+    credential = find_credential_by_key(conn, CredentialType.SMTP, key)
+    if credential is None:
+        return None
+    server = find_server(conn, credential.server_id)
+    if server is None:  # the foreign key rules this out; checked so the type is exact
+        return None
+    if credential.last_used_at is None or credential.last_used_at < now - touch_interval:
+        touch_credential(conn, credential.id, now)
+        credential = attrs.evolve(credential, last_used_at=now)
+    return credential, server

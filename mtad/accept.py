@@ -1,0 +1,201 @@
+"""Accepting a message: from an envelope and its bytes to queued per-recipient messages in Redis.
+
+This is the step every way in shares (SMTP today, the HTTP send API later; DESIGN "the flow of a message"),
+so it knows nothing of SMTP or HTTP. As in Postal, each recipient becomes its own message with its own id
+and token, while the body is stored once: `RedisQueue.enqueue` writes the body, every message, its due
+entry and its ``message.queued`` event in one script call. When `Acceptor.accept` returns, the messages
+are durable (DESIGN invariant 1), and only then may the caller say 250 or HTTP success.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import secrets
+import string
+from collections.abc import Sequence
+from email.message import Message
+
+import attrs
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mtad.queue.model import NewMessage, RedisUnavailable
+from mtad.queue.redis_queue import RedisQueue
+from mtad.store.servers import Server, ServerMode
+
+#: Postal's message tokens: twelve random letters and digits (URL-safe, ~71 bits).
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+TOKEN_LENGTH = 12
+
+#: Postal's delivery details for a message held because of its server's mode.
+DEVELOPMENT_MODE_HOLD = "Server is in development mode."
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.default)
+_RAW_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+class ServerSuspended(Exception):
+    """The server is suspended: it may not send, so nothing is queued (SMTP answers ``554 5.7.1``)."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(f"server {server.full_permalink} is suspended")
+        self.server = server
+
+
+@attrs.frozen
+class AcceptedMessage:
+    """One recipient's queued message."""
+
+    id: int
+    token: str
+    rcpt_to: str
+
+
+@attrs.frozen
+class MessageHeaders:
+    """What the queue and the history need from a message's header section, parsed once per message."""
+
+    #: Decoded to Unicode (RFC 2047 encoded words and RFC 6532 UTF-8 alike); None when absent.
+    subject: str | None
+    #: Without angle brackets, as Postal stores it; None when absent or empty.
+    message_id: str | None
+    #: The last ``X-Postal-Tag`` field, as Postal takes it; None when absent or empty.
+    tag: str | None
+
+
+def new_token() -> str:
+    """A fresh message token as Postal makes them (used in tracking and return paths)."""
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
+
+
+def header_section(message: bytes) -> bytes:
+    """The header section of ``message`` without its body (RFC 5322 §2.1).
+
+    Only the headers are parsed, so a 25 MB body is never decoded to a string just to read the Subject.
+    The SMTP server hands over CRLF line ends; bare LF is accepted for messages from the send API.
+    """
+    if message.startswith((b"\r\n", b"\n")):
+        return b""
+    crlf = message.find(b"\r\n\r\n")
+    lf = message.find(b"\n\n", 0, None if crlf < 0 else crlf)
+    if lf >= 0:
+        return message[: lf + 1]
+    if crlf >= 0:
+        return message[: crlf + 2]
+    return message
+
+
+def _header(parsed: Message, raw: Message, name: str, last: bool = False) -> str | None:
+    """One field's value decoded; the raw value if Python's parser trips over a malformed field."""
+    try:
+        values = parsed.get_all(name)
+        value = None if not values else str(values[-1] if last else values[0])
+    except Exception:  # the modern header parser has raised on hostile input before; never fail on it
+        values = raw.get_all(name)
+        value = None if not values else str(values[-1] if last else values[0])
+    return value
+
+
+def parse_headers(message: bytes) -> MessageHeaders:
+    """Subject, Message-ID and tag of ``message``; malformed or missing fields give None, never an error."""
+    section = header_section(message)
+    parsed = _HEADER_PARSER.parsebytes(section)
+    raw = _RAW_HEADER_PARSER.parsebytes(section)
+    subject = _header(parsed, raw, "Subject")
+    message_id = _header(parsed, raw, "Message-ID")
+    if message_id is not None:
+        # As Postal: drop everything up to the last "<" and from the next ">": "<a@b>" → "a@b".
+        message_id = message_id.rpartition("<")[2].partition(">")[0].strip()
+    tag = (_header(parsed, raw, "X-Postal-Tag", last=True) or "").strip()
+    return MessageHeaders(subject=subject, message_id=message_id or None, tag=tag or None)
+
+
+class Acceptor:
+    """Turns one accepted message into per-recipient queued messages with one Redis call.
+
+    ``timeout`` bounds that call on ``clock``: Redis that does not answer in time is `RedisUnavailable`,
+    and the caller answers "try again later". The script may still complete after the deadline, so a
+    client that retries can cause a duplicate: at-least-once, never a success for a message not stored.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        clock: IReactorTime,
+        *,
+        default_pool: str = "default",
+        timeout: float = 30.0,
+    ) -> None:
+        self.queue = queue
+        self.clock = clock
+        self.default_pool = default_pool
+        self.timeout = timeout
+
+    async def accept(
+        self,
+        server: Server,
+        scope: str,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        message: bytes,
+        *,
+        hold_reason: str | None = None,
+        tag: str | None = None,
+    ) -> list[AcceptedMessage]:
+        """Queue ``message`` once for each of ``rcpt_to``; the messages are durable when this returns.
+
+        ``hold_reason`` (e.g. the credential is set to hold) is stored with each message, and the
+        delivery service holds such messages rather than delivering them; a server in development mode
+        holds with Postal's reason when the caller gave none. ``tag`` defaults to the message's
+        ``X-Postal-Tag`` field, as in Postal. Raises `ServerSuspended` or `RedisUnavailable`.
+        """
+        if server.suspended:
+            raise ServerSuspended(server)
+        if not rcpt_to:
+            raise ValueError("a message needs at least one recipient")
+        if not hold_reason and server.mode is ServerMode.DEVELOPMENT:
+            hold_reason = DEVELOPMENT_MODE_HOLD
+        headers = parse_headers(message)
+        if tag is None:
+            tag = headers.tag
+        fields: dict[str, str] = {}
+        if headers.message_id is not None:
+            fields["message_id"] = headers.message_id
+        if tag:
+            fields["tag"] = tag
+        if hold_reason:
+            fields["hold_reason"] = hold_reason
+        event = {"subject": headers.subject, "message_id": headers.message_id, "tag": tag or None}
+        new = [
+            NewMessage(
+                token=new_token(),
+                server_id=server.id,
+                scope=scope,
+                mail_from=mail_from,
+                rcpt_to=rcpt,
+                pool=self.default_pool,
+                fields=fields,
+                event=event,
+            )
+            for rcpt in rcpt_to
+        ]
+        d = self.queue.enqueue(message, new, self.clock.seconds())
+        d.addTimeout(self.timeout, self.clock)
+        try:
+            ids = await d
+        except DeferredTimeoutError:
+            raise RedisUnavailable(f"Redis did not store the message within {self.timeout} s") from None
+        self.log.debug(
+            "queued {count} messages {ids} for server {server_id} from {mail_from}",
+            count=len(ids),
+            ids=ids,
+            server_id=server.id,
+            mail_from=mail_from,
+        )
+        return [
+            AcceptedMessage(id=i, token=m.token, rcpt_to=m.rcpt_to) for i, m in zip(ids, new, strict=True)
+        ]

@@ -1,0 +1,233 @@
+"""The accept path against a real Redis: per-recipient messages, one body, parsed headers, holds."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtad.accept import (
+    DEVELOPMENT_MODE_HOLD,
+    Acceptor,
+    ServerSuspended,
+    header_section,
+    parse_headers,
+)
+from mtad.events.recorder import parse_queued
+from mtad.queue.client import RedisClient
+from mtad.queue.events import parse_entry
+from mtad.queue.model import Event, RedisUnavailable
+from mtad.queue.redis_queue import RedisQueue
+from mtad.store.messages import Scope
+from mtad.store.servers import Server, ServerMode
+from tests.redis_server import RedisTestCase, connect, real_reactor
+
+NOW = 1_700_000_000.0
+MESSAGE = (
+    b"Received: from client.test ([192.0.2.1])\r\n\tby mx.test with ESMTPSA id abc; date\r\n"
+    b"From: Sender <sender@example.test>\r\n"
+    b"Subject: =?UTF-8?B?8J+OiSBHcsO8w59l?= =?utf-8?q?_aus_K=C3=B6ln?=\r\n"
+    b"Message-ID:  <unique.1@example.test> \r\n"
+    b"\r\n"
+    b"Hello \xf0\x9f\x98\x80\r\n"
+)
+
+
+def make_server(**changes: Any) -> Server:
+    values: dict[str, Any] = {
+        "id": 7,
+        "organization_id": 1,
+        "organization_permalink": "acme",
+        "name": "Main",
+        "permalink": "main",
+        "mode": ServerMode.LIVE,
+        "token": "abc123",
+        "suspended": False,
+        "suspension_reason": None,
+        "send_limit": None,
+        "send_limit_period": None,
+        "created_at": NOW,
+    }
+    values.update(changes)
+    return Server(**values)
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+class HeaderTests(SynchronousTestCase):
+    def test_subject_encoded_words_decoded(self) -> None:
+        """RFC 2047 encoded words in Subject come out as Unicode, emoji and umlauts intact."""
+        self.assertEqual(parse_headers(MESSAGE).subject, "🎉 Grüße aus Köln")
+
+    def test_subject_raw_utf8(self) -> None:
+        """A UTF-8 Subject sent raw (RFC 6532, SMTPUTF8) is decoded as UTF-8."""
+        headers = parse_headers("Subject: Grüße 😀\r\n\r\nbody\r\n".encode())
+        self.assertEqual(headers.subject, "Grüße 😀")
+
+    def test_message_id_without_angle_brackets(self) -> None:
+        """Message-ID is stored without its angle brackets and surrounding space, as Postal stores it."""
+        self.assertEqual(parse_headers(MESSAGE).message_id, "unique.1@example.test")
+
+    def test_missing_headers_are_none(self) -> None:
+        """A message without Subject, Message-ID or X-Postal-Tag gives None for each, not an error."""
+        headers = parse_headers(b"From: a@b.test\r\n\r\nSubject: not a header\r\n")
+        self.assertEqual((headers.subject, headers.message_id, headers.tag), (None, None, None))
+
+    def test_tag_is_last_x_postal_tag(self) -> None:
+        """The tag is the last X-Postal-Tag field, as Postal takes it."""
+        headers = parse_headers(b"X-Postal-Tag: first\r\nX-Postal-Tag:  second \r\n\r\n")
+        self.assertEqual(headers.tag, "second")
+
+    def test_only_header_section_parsed(self) -> None:
+        """The body is not part of the parsed section, whether lines end in CRLF or bare LF."""
+        self.assertEqual(header_section(b"A: 1\r\nB: 2\r\n\r\nC: 3\r\n"), b"A: 1\r\nB: 2\r\n")
+        self.assertEqual(header_section(b"A: 1\nB: 2\n\nC: 3\n"), b"A: 1\nB: 2\n")
+        self.assertEqual(header_section(b"\r\nA: 1\r\n"), b"")
+        self.assertEqual(header_section(b"A: 1\r\n"), b"A: 1\r\n")
+
+    def test_malformed_headers_do_not_raise(self) -> None:
+        """Broken encoded words, unbalanced brackets and 8-bit junk give values or None, never an error."""
+        headers = parse_headers(
+            b"Subject: =?bogus-charset?Q?x?= =?utf-8?B?!!!?= \xff\xfe\r\n"
+            b'Message-ID: <<<\r\nTo: "unterminated <x@\r\n\r\n'
+        )
+        self.assertIsInstance(headers.subject, str)
+        self.assertIsNone(headers.message_id)
+
+
+class AcceptTests(RedisTestCase):
+    clock: Clock
+    queue: RedisQueue
+    acceptor: Acceptor
+
+    async def _set_up_redis(self) -> None:
+        await super()._set_up_redis()
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.queue = RedisQueue(self.redis, self.keys)
+        self.acceptor = Acceptor(self.queue, self.clock, default_pool="main", timeout=5.0)
+
+    async def events(self) -> list[Event]:
+        entries = await self.redis.execute("XRANGE", self.keys.events, "-", "+")
+        return [e for e in map(parse_entry, entries) if e is not None]
+
+    async def test_one_body_one_message_per_recipient(self) -> None:
+        """Three recipients become three messages (own id and token) sharing one stored body."""
+        rcpts = ["a@x.test", "b@x.test", "c@y.test"]
+        accepted = await self.acceptor.accept(
+            make_server(), "outgoing", "sender@example.test", rcpts, MESSAGE
+        )
+        self.assertEqual([m.rcpt_to for m in accepted], rcpts)
+        self.assertEqual(len({m.id for m in accepted}), 3)
+        self.assertEqual(len({m.token for m in accepted}), 3)
+        for m in accepted:
+            self.assertRegex(m.token, r"^[A-Za-z0-9]{12}$")
+        fields = [await self.queue.message_fields(m.id) for m in accepted]
+        self.assertEqual(len({f["body"] for f in fields}), 1)
+        self.assertEqual(await self.redis.execute("HGET", fields[0]["body"], "data"), MESSAGE)
+        self.assertEqual(await self.redis.execute("HGET", fields[0]["body"], "refs"), b"3")
+        for m, f in zip(accepted, fields, strict=True):
+            self.assertEqual(f["token"], m.token)
+            self.assertEqual(f["rcpt_to"], m.rcpt_to)
+            self.assertEqual(f["server_id"], "7")
+            self.assertEqual(f["scope"], "outgoing")
+            self.assertEqual(f["mail_from"], "sender@example.test")
+            self.assertEqual(f["pool"], "main")
+            self.assertEqual(f["message_id"], "unique.1@example.test")
+            self.assertNotIn("hold_reason", f)
+            self.assertNotIn("tag", f)
+        stats = await self.queue.stats(NOW)
+        self.assertEqual((stats.due_now, stats.held), (3, 0))
+
+    async def test_queued_events_feed_the_recorder(self) -> None:
+        """Each message has a message.queued event the recorder parses, with decoded subject and size."""
+        accepted = await self.acceptor.accept(
+            make_server(), "outgoing", "", ["a@x.test", "b@x.test"], MESSAGE, tag="welcome"
+        )
+        events = await self.events()
+        self.assertEqual([e.type for e in events], ["message.queued"] * 2)
+        rows = [parse_queued(e) for e in events]
+        self.assertEqual([r.id for r in rows], [m.id for m in accepted])
+        self.assertEqual([r.token for r in rows], [m.token for m in accepted])
+        for row in rows:
+            self.assertEqual(row.subject, "🎉 Grüße aus Köln")
+            self.assertEqual(row.message_id, "unique.1@example.test")
+            self.assertEqual(row.tag, "welcome")
+            self.assertEqual(row.size, len(MESSAGE))
+            self.assertEqual(row.timestamp, NOW)
+            self.assertEqual(row.scope, Scope.OUTGOING)
+            self.assertEqual(row.mail_from, "")
+        self.assertEqual((await self.queue.message_fields(accepted[0].id))["tag"], "welcome")
+
+    async def test_tag_from_header(self) -> None:
+        """Without a tag from the caller, the X-Postal-Tag field tags the message."""
+        (m,) = await self.acceptor.accept(
+            make_server(), "outgoing", "s@x.test", ["a@x.test"], b"X-Postal-Tag: news\r\n\r\nhi\r\n"
+        )
+        self.assertEqual((await self.queue.message_fields(m.id))["tag"], "news")
+        (event,) = await self.events()
+        self.assertEqual(event.data["tag"], "news")
+        self.assertIsNone(event.data["subject"])
+        self.assertIsNone(event.data["message_id"])
+
+    async def test_development_mode_sets_hold_reason(self) -> None:
+        """A server in development mode queues its messages with Postal's hold reason."""
+        server = make_server(mode=ServerMode.DEVELOPMENT)
+        (m,) = await self.acceptor.accept(server, "outgoing", "s@x.test", ["a@x.test"], MESSAGE)
+        self.assertEqual((await self.queue.message_fields(m.id))["hold_reason"], DEVELOPMENT_MODE_HOLD)
+        self.assertEqual(DEVELOPMENT_MODE_HOLD, "Server is in development mode.")
+
+    async def test_caller_hold_reason_wins(self) -> None:
+        """A hold reason from the caller (credential hold) is stored, before the development-mode one."""
+        server = make_server(mode=ServerMode.DEVELOPMENT)
+        (m,) = await self.acceptor.accept(
+            server, "outgoing", "s@x.test", ["a@x.test"], MESSAGE, hold_reason="Credential holds"
+        )
+        self.assertEqual((await self.queue.message_fields(m.id))["hold_reason"], "Credential holds")
+
+    async def test_suspended_server_refused(self) -> None:
+        """A suspended server's message raises ServerSuspended and nothing is queued."""
+        server = make_server(suspended=True, suspension_reason="abuse")
+        with self.assertRaises(ServerSuspended) as raised:
+            await self.acceptor.accept(server, "outgoing", "s@x.test", ["a@x.test"], MESSAGE)
+        self.assertIn("acme/main", str(raised.exception))
+        self.assertEqual(await self.events(), [])
+
+    async def test_no_recipients_refused(self) -> None:
+        """An empty recipient list is a programming error, refused before Redis is asked."""
+        with self.assertRaises(ValueError):
+            await self.acceptor.accept(make_server(), "outgoing", "s@x.test", [], MESSAGE)
+
+    async def test_redis_disconnected_is_unavailable(self) -> None:
+        """With the Redis connection gone, accept raises RedisUnavailable at once."""
+        client = await connect()
+        await client.disconnect()
+        acceptor = Acceptor(RedisQueue(client, self.keys), self.clock, timeout=5.0)
+        with self.assertRaises(RedisUnavailable):
+            await acceptor.accept(make_server(), "outgoing", "s@x.test", ["a@x.test"], MESSAGE)
+
+    async def test_redis_unreachable_times_out(self) -> None:
+        """A Redis that never answers makes accept raise RedisUnavailable once ``timeout`` passes."""
+        client = RedisClient.from_url(
+            real_reactor(), f"redis://127.0.0.1:{closed_port()}", timeout=60.0, clock=self.clock
+        )
+        self.addCleanup(client.disconnect)
+        acceptor = Acceptor(RedisQueue(client, self.keys), self.clock, timeout=5.0)
+        result = Deferred.fromCoroutine(
+            acceptor.accept(make_server(), "outgoing", "s@x.test", ["a@x.test"], MESSAGE)
+        )
+        self.assertNoResult(result)
+        self.clock.advance(4.9)
+        self.assertNoResult(result)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(result, RedisUnavailable)
+        self.assertIn("5.0 s", str(failure.value))
