@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mtad.queue.model import Event
+from mtad.queue.model import Event, RedisUnavailable
 from mtad.store.messages import (
     DeliveryAttempt,
     Message,
@@ -209,6 +209,14 @@ class Recorder(Service):
             try:
                 count = await self.record_batch()
                 delay = 0.0 if count else self.idle_delay
+            except RedisUnavailable as e:
+                # Expected while Redis restarts: a line, not a traceback.
+                self.log.warn(
+                    "recorder cannot read events ({error}); retrying in {delay}s",
+                    error=str(e),
+                    delay=self.retry_delay,
+                )
+                delay = self.retry_delay
             except Exception:
                 self.log.failure(
                     "recorder failed to record a batch; retrying in {delay}s", delay=self.retry_delay

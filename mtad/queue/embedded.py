@@ -60,6 +60,39 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (our own exited child not yet reaped) is as good as gone.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b") ", 1)[-1][:1] != b"Z"
+    except OSError:
+        return True
+
+
+def _orphan_pid(pid_path: str) -> int | None:
+    """The pid in ``pid_path`` if that process is alive and is a redis-server; else None."""
+    try:
+        with open(pid_path, encoding="ascii") as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 1 or not _alive(pid):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"redis" not in f.read():
+                return None
+    except OSError:
+        return None  # Not Linux /proc, or gone: do not signal a process we cannot identify.
+    return pid
+
+
 def redis_config(data_dir: str, socket_path: str, extra: Mapping[str, str] = {}) -> str:
     """The generated redis.conf: durable AOF, no RDB, unix socket only, foreground."""
     lines = {
@@ -74,6 +107,7 @@ def redis_config(data_dir: str, socket_path: str, extra: Mapping[str, str] = {})
         "save": '""',
         "daemonize": "no",
         "logfile": '""',
+        "pidfile": _quote(os.path.join(data_dir, "redis.pid")),
         "databases": "16",
         **extra,
     }
@@ -206,10 +240,35 @@ class EmbeddedRedis(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
-        try:
+        Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        await self._stop_orphan()
+        if not self._stopping:
             self._spawn()
-        except Exception as e:
-            self._fail_waiters(e if isinstance(e, EmbeddedRedisError) else EmbeddedRedisError(str(e)))
+
+    def _start_failed(self, failure: Failure) -> None:
+        e = failure.value
+        self._fail_waiters(e if isinstance(e, EmbeddedRedisError) else EmbeddedRedisError(str(e)))
+
+    async def _stop_orphan(self) -> None:
+        """Stop a Redis left running on our data directory by an mtad that was killed (``kill -9``).
+
+        Two servers appending to one AOF would corrupt it, so the old one is asked to exit (SIGTERM: it
+        fsyncs and leaves) before ours starts; SIGKILL after ``stop_timeout`` loses nothing either, as
+        every write was already fsync'd (``appendfsync always``).
+        """
+        pid = _orphan_pid(os.path.join(self.data_dir, "redis.pid"))
+        if pid is None:
+            return
+        self.log.warn("stopping embedded Redis (pid {pid}) left running by an earlier mtad", pid=pid)
+        os.kill(pid, signal.SIGTERM)
+        deadline = self._clock.seconds() + self.stop_timeout
+        while _alive(pid):
+            if self._clock.seconds() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            await deferLater(self._clock, 0.05)
 
     def _spawn(self) -> None:
         executable = self.executable or find_redis_server()
