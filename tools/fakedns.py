@@ -32,6 +32,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.names import common, dns, error, server
@@ -145,12 +146,23 @@ def start_fake_dns(
     """
     resolver = ZoneResolver(zone)
     factory = _ZoneServerFactory(authorities=[resolver])
-    udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=interface, maxPacketSize=65535)
-    tcp_port = None
-    if tcp:
+    # With port 0 the kernel picks a free UDP port whose TCP twin may be taken: try another pair.
+    for attempt in range(20):
+        udp = reactor.listenUDP(
+            port, dns.DNSDatagramProtocol(factory), interface=interface, maxPacketSize=65535
+        )
+        if not tcp:
+            return FakeDNS(resolver, udp, None)
         bound = udp.getHost().port  # type: ignore[attr-defined]
-        tcp_port = IReactorTCP(reactor).listenTCP(bound, factory, interface=interface)
-    return FakeDNS(resolver, udp, tcp_port)
+        try:
+            tcp_port = IReactorTCP(reactor).listenTCP(bound, factory, interface=interface)
+        except CannotListenError:
+            udp.stopListening()
+            if port != 0 or attempt == 19:
+                raise
+            continue
+        return FakeDNS(resolver, udp, tcp_port)
+    raise AssertionError("unreachable")
 
 
 class _Silent(DatagramProtocol):

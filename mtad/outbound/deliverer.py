@@ -135,7 +135,15 @@ class Deliverer:
             failure = mx.failure
             status: Status = "HardFail" if failure.kind == "hard" else "SoftFail"
             result = DeliveryResult(
-                status, None, failure.enhanced, "", failure.text, False, self._elapsed(start), None, None
+                status,
+                None,
+                failure.enhanced,
+                "",
+                f"{failure.text} ({failure.enhanced})",
+                False,
+                self._elapsed(start),
+                None,
+                None,
             )
             return BatchOutcome(tuple(_each(messages, result)))
         return await self._deliver_to(domain, mx, list(messages), pool, start)

@@ -60,7 +60,8 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def _orphan_pid(pid_path: str) -> int | None:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
-    if pid <= 1 or not _alive(pid):
+    if pid <= 1 or not process_alive(pid):
         return None
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -264,7 +265,7 @@ class EmbeddedRedis(Service):
         self.log.warn("stopping embedded Redis (pid {pid}) left running by an earlier mtad", pid=pid)
         os.kill(pid, signal.SIGTERM)
         deadline = self._clock.seconds() + self.stop_timeout
-        while _alive(pid):
+        while process_alive(pid):
             if self._clock.seconds() >= deadline:
                 os.kill(pid, signal.SIGKILL)
                 deadline = float("inf")

@@ -298,7 +298,8 @@ RELEASE_HELD = Script.of(
 local id, now = ARGV[2], ARGV[3]
 local mkey = msg_key(id)
 if redis.call('ZREM', K_HELD, id) == 0 then return 0 end
-redis.call('HDEL', mkey, 'held_at')
+-- A released message is delivered: drop the reason it was held for, or delivery would hold it again.
+redis.call('HDEL', mkey, 'held_at', 'hold_reason')
 redis.call('HSET', mkey, 'state', 'due', 'due_at', now)
 redis.call('ZADD', K_DUE, now, id)
 return 1

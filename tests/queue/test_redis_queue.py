@@ -277,6 +277,16 @@ class HeldTests(QueueTestCase):
         self.assertFalse(await self.queue.release_held(mid, NOW + 5))
         self.assertEqual((await self.claim_one(NOW + 5)).id, mid)
 
+    async def test_release_held_forgets_hold_reason(self) -> None:
+        """A released message loses its hold reason, so delivery sends it instead of holding it again."""
+        (mid,) = await self.queue.enqueue(BODY, [message(fields={"hold_reason": "Development mode"})], NOW)
+        claimed = await self.claim_one()
+        self.assertEqual(claimed.fields["hold_reason"], "Development mode")
+        self.assertTrue(await self.queue.hold(mid, claimed.lease_token, NOW))
+        self.assertTrue(await self.queue.release_held(mid, NOW + 5))
+        again = await self.claim_one(NOW + 5)
+        self.assertNotIn("hold_reason", again.fields)
+
     async def test_hold_leased_message(self) -> None:
         """hold moves a leased message to the held set (stale token: no-op) with its event."""
         (mid,) = await self.queue.enqueue(BODY, [message()], NOW)

@@ -1,0 +1,373 @@
+"""The composition root: turns a `Config` into the running daemon.
+
+Start-up is one asynchronous sequence, in dependency order: Redis (embedded or external) answers, the
+database schema is current, the consumers and the delivery loop run, and only then do listeners open, so
+no SMTP client is ever told 250 by a process that cannot store the message. Any failure in that sequence
+is logged and ends the process with a non-zero exit status.
+
+Shutdown runs the same steps backwards, one at a time (``MultiService`` would stop them all at once, and
+the delivery loop must give its leases back *before* the Redis it talks to goes away): listeners close,
+open SMTP sessions get a short grace period, in-flight deliveries finish or are released, the recorder
+finishes its batch, then Redis and the database are let go.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from admin_api.status import StatusApp
+from mtad.accept import Acceptor
+from mtad.config import Config
+from mtad.events.recorder import Recorder
+from mtad.outbound.deliverer import Deliverer, DelivererConfig
+from mtad.outbound.delivery import DeliveryService, DeliverySettings
+from mtad.outbound.mx import MXResolver, ResolverConfig, parse_nameservers
+from mtad.outbound.pools import ConnectionLimits, IPPool, SourceAddress
+from mtad.outbound.retry import RetryPolicy
+from mtad.queue.client import RedisClient
+from mtad.queue.embedded import EmbeddedRedis
+from mtad.queue.events import EventStream
+from mtad.queue.limits import ConnectionLimiter
+from mtad.queue.redis_queue import RedisQueue
+from mtad.smtp.client import ClientTimeouts
+from mtad.smtp.relay_policy import RelayPolicy
+from mtad.smtp.server_protocol import SMTPServerFactory
+from mtad.status import ListenerStatus, StatusReporter
+from mtad.store.db import Database
+from mtad.store.migrate import schema_problem, upgrade_schema
+from mtad.tls import ensure_self_signed, server_context
+
+#: Seconds open SMTP sessions may take to finish after the listeners close on shutdown.
+SMTP_GRACE_SECONDS = 10.0
+#: Seconds start-up waits for Redis to answer before giving up.
+REDIS_CONNECT_TIMEOUT = 30.0
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message says what to fix."""
+
+
+class MtadService(Service):
+    """The whole daemon as one service: `startService` runs the start-up sequence, `stopService` drains."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, exit_on_failure: bool = True) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._exit_on_failure = exit_on_failure
+        self._stops: list[tuple[str, Callable[[], Awaitable[object] | object]]] = []
+        self._starting: Deferred[None] | None = None
+        self._waiters: list[Deferred[None]] = []
+        self._start_outcome: Literal[True] | Failure | None = None
+        self.smtp_factories: list[SMTPServerFactory] = []
+        self.ports: dict[str, IListeningPort] = {}
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.embedded_redis: EmbeddedRedis | None = None
+        self.redis: RedisClient | None = None
+        self.queue: RedisQueue | None = None
+        self.database: Database | None = None
+        self.delivery: DeliveryService | None = None
+
+    # -- start --------------------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._starting = Deferred.fromCoroutine(self.start())
+        self._starting.addCallbacks(self._started, self._start_failed)
+
+    def when_started(self) -> Deferred[None]:
+        """Fires when start-up has finished (listeners open), or fails with why it could not."""
+        assert self._starting is not None, "service not started"
+        done: Deferred[None] = Deferred()
+        if self._start_outcome is None:
+            self._waiters.append(done)
+        elif self._start_outcome is True:
+            done.callback(None)
+        else:
+            done.errback(self._start_outcome)
+        return done
+
+    def _started(self, result: None) -> None:
+        self._start_outcome = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _start_failed(self, failure: Failure) -> None:
+        self._start_outcome = failure
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(failure)
+        if isinstance(failure.value, CancelledError) and not self.running:
+            return  # Stopped while starting: not a failure.
+        if isinstance(failure.value, StartupError):
+            self.log.critical("mtad cannot start: {reason}", reason=str(failure.value))
+        else:
+            self.log.failure("mtad cannot start", failure)
+        if self._exit_on_failure:
+            # twistd has no exit status of its own to give; leave with 1 once the reactor has stopped
+            # (after our stopService has let go of what did start).
+            self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self._reactor.stop()
+
+    async def start(self) -> None:
+        config = self.config
+        data = config.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        redis_url = config.redis.url
+        if not redis_url:
+            self.embedded_redis = EmbeddedRedis(self._reactor, str(data))
+            self.embedded_redis.startService()
+            self._on_stop("embedded redis", self.embedded_redis.stopService)
+            await self.embedded_redis.when_ready()
+            redis_url = self.embedded_redis.url
+        self.redis = RedisClient.from_url(self._reactor, redis_url, timeout=config.redis.timeout, poolsize=4)
+        self._on_stop("redis client", self.redis.disconnect)
+        connected = self.redis.wait_connected()
+        connected.addTimeout(REDIS_CONNECT_TIMEOUT, self._reactor)
+        try:
+            await connected
+        except Exception as e:
+            raise StartupError(f"redis.url: cannot reach Redis at {redis_url}: {e}") from e
+        self.queue = RedisQueue(self.redis)
+        await self._check_persistence(self.queue)
+        self.database = await self._open_database()
+
+        recorder = Recorder(self.database, await self._stream("recorder"), self._reactor)
+        recorder.startService()
+        self._on_stop("recorder", recorder.stopService)
+        if config.delivery.enabled:
+            self.delivery = self._delivery_service(self.queue, self.redis)
+            self.delivery.startService()
+            self._on_stop("delivery", self.delivery.stopService)
+        listeners = await self._open_smtp_listeners(self.queue, self.database)
+        await self._open_http_listeners(self.queue, self.database, listeners)
+        self.log.info(
+            "mtad ready: {listeners} listening, delivery {delivery}",
+            listeners=", ".join(self.ports),
+            delivery="on" if self.delivery else "off",
+        )
+
+    def _on_stop(self, name: str, stop: Callable[[], Awaitable[object] | object]) -> None:
+        self._stops.append((name, stop))
+
+    async def _check_persistence(self, queue: RedisQueue) -> None:
+        info = await queue.persistence_info()
+        self.log.info("redis persistence: {info}", info=info)
+        durable = info.get("aof_enabled") and info.get("appendfsync") == "always"
+        if self.embedded_redis is None and not durable:
+            self.log.warn(
+                "redis at {url} does not fsync every write (appendonly yes, appendfsync always): "
+                "a Redis crash can lose accepted mail",
+                url=self.config.redis.url,
+            )
+
+    async def _stream(self, group: str) -> EventStream:
+        assert self.redis is not None
+        stream = EventStream(self.redis, group, self.owner)
+        await stream.ensure_group()
+        return stream
+
+    async def _open_database(self) -> Database:
+        config = self.config
+        database = Database.from_url(config.database_url, self._reactor, config.database.pool_size)
+        database.startService()
+        self._on_stop("database", database.stopService)
+        try:
+            if not config.database.url:
+                # The embedded SQLite database is ours alone: bring it to the current schema.
+                await deferToThread(upgrade_schema, database.engine)
+            problem = await database.run(schema_problem)
+        except sa.exc.SQLAlchemyError as e:
+            raise StartupError(f"database.url: cannot use the database: {e}") from e
+        if problem:
+            raise StartupError(f"database: {problem}")
+        return database
+
+    def _delivery_service(self, queue: RedisQueue, redis: RedisClient) -> DeliveryService:
+        config = self.config
+        try:
+            nameservers = parse_nameservers(config.dns.nameservers)
+        except ValueError as e:
+            raise StartupError(f"dns.nameservers: {e}") from e
+        resolver = MXResolver(
+            self._reactor,
+            self._reactor,
+            self._reactor,
+            ResolverConfig(nameservers=nameservers, timeout=config.dns.timeout, ipv6=config.dns.use_ipv6),
+        )
+        delivery = config.delivery
+        deliverer = Deliverer(
+            self._reactor,
+            self._reactor,
+            resolver,
+            ConnectionLimiter(redis),
+            DelivererConfig(
+                port=delivery.port,
+                timeouts=ClientTimeouts(connect=delivery.connect_timeout),
+                limits=ConnectionLimits(
+                    per_source_ip=delivery.max_connections_per_ip,
+                    per_source_ip_mx=delivery.max_connections_per_destination,
+                ),
+            ),
+        )
+        pools = {
+            pool.name: IPPool(
+                pool.name,
+                tuple(SourceAddress(a.ip, a.hostname or config.general.hostname) for a in pool.addresses),
+            )
+            for pool in config.pools()
+        }
+        retry = delivery.retry
+        settings = DeliverySettings(
+            concurrency=delivery.concurrency,
+            batch_size=delivery.batch_size,
+            lease_seconds=delivery.lease_seconds,
+            poll_interval=delivery.poll_interval,
+            retry=RetryPolicy(base=retry.base_delay, factor=retry.factor, max_attempts=retry.max_attempts),
+            hold_seconds=delivery.hold_days * 86400,
+            default_pool=delivery.default_pool,
+        )
+        try:
+            return DeliveryService(self._reactor, queue, deliverer, pools, settings, self.owner)
+        except ValueError as e:
+            raise StartupError(f"delivery: {e}") from e
+
+    async def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
+        try:
+            endpoint = endpoints.serverFromString(self._reactor, description)  # type: ignore[no-untyped-call]
+            port = await endpoint.listen(factory)
+        except Exception as e:
+            raise StartupError(f"{name}: cannot listen on {description!r}: {e}") from e
+        self.ports[name] = port
+        self._on_stop(f"listener {name}", port.stopListening)
+
+    async def _open_smtp_listeners(self, queue: RedisQueue, database: Database) -> list[ListenerStatus]:
+        config = self.config
+        smtp = config.smtp
+        if smtp.tls_certificate:
+            cert, key = Path(smtp.tls_certificate), Path(smtp.tls_private_key)
+        else:
+            cert, key = ensure_self_signed(config.data_path, config.general.hostname)
+        try:
+            tls = server_context(cert, key)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"smtp.tls_certificate: cannot load {cert} / {key}: {e}") from e
+        acceptor = Acceptor(
+            queue, self._reactor, default_pool=config.delivery.default_pool, timeout=config.redis.timeout
+        )
+        # RFC 4954 §6: "530 authentication required" only where AUTH can be offered at all.
+        without_auth = tuple(
+            listener.name or listener.endpoint
+            for listener in smtp.listeners
+            if listener.tls == "none" and not listener.allow_plaintext_auth
+        )
+        policy = RelayPolicy(
+            self._reactor,
+            database,
+            acceptor,
+            listeners_without_auth=without_auth,
+        )
+        statuses: list[ListenerStatus] = []
+        for listener in smtp.listeners:
+            name = listener.name or listener.endpoint
+            factory = SMTPServerFactory(
+                policy,
+                hostname=config.general.hostname,
+                clock=self._reactor,
+                listener=name,
+                tls_mode=listener.tls,
+                tls_context=tls if listener.tls != "none" else None,
+                allow_plaintext_auth=listener.allow_plaintext_auth,
+                max_message_size=smtp.max_message_size,
+                max_recipients=smtp.max_recipients,
+                max_connections=listener.max_connections,
+                max_connections_per_ip=listener.max_connections_per_ip,
+                max_bad_commands=smtp.max_bad_commands,
+                max_auth_failures=smtp.max_auth_failures,
+                auth_failure_window=smtp.auth_failure_window,
+            )
+            served: IProtocolFactory = factory
+            if listener.tls == "implicit":
+                served = TLSMemoryBIOFactory(tls, False, factory)
+            await self._listen(f"smtp {name}", listener.endpoint, served)
+            self.smtp_factories.append(factory)
+            statuses.append(
+                ListenerStatus(name=name, kind="smtp", endpoint=listener.endpoint, tls=listener.tls)
+            )
+        self._on_stop("smtp sessions", self._drain_smtp_sessions)
+        return statuses
+
+    async def _drain_smtp_sessions(self) -> None:
+        """Give sessions that are mid-transaction a moment to get their reply; then close the rest.
+
+        Closing a session before its 250 loses nothing: the client still holds the message and retries.
+        """
+        waited = 0.0
+        while waited < SMTP_GRACE_SECONDS and any(f.connections for f in self.smtp_factories):
+            await deferLater(self._reactor, 0.1)
+            waited += 0.1
+        for factory in self.smtp_factories:
+            factory.close_all_sessions()
+
+    async def _open_http_listeners(
+        self, queue: RedisQueue, database: Database, smtp_listeners: list[ListenerStatus]
+    ) -> None:
+        http_statuses = [
+            ListenerStatus(name=endpoint, kind="http", endpoint=endpoint, tls="none")
+            for endpoint in self.config.http.listeners
+        ]
+
+        async def ping() -> None:
+            await database.run(lambda conn: conn.execute(sa.text("SELECT 1")))
+
+        reporter = StatusReporter(
+            self._reactor,
+            queue,
+            ping,
+            [*smtp_listeners, *http_statuses],
+            embedded_redis=self.embedded_redis is not None,
+        )
+        site = Site(StatusApp(reporter).app.resource())  # type: ignore[no-untyped-call]
+        for endpoint in self.config.http.listeners:
+            await self._listen(f"http {endpoint}", endpoint, site)
+
+    # -- stop ---------------------------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        self.log.info("mtad stopping")
+        # Listeners first (no new work), then the rest in reverse order of start.
+        ordered = [s for s in self._stops if s[0].startswith("listener ")]
+        ordered += [s for s in reversed(self._stops) if not s[0].startswith("listener ")]
+        self._stops = []
+        for name, stop in ordered:
+            try:
+                result = stop()
+                if isinstance(result, Deferred) or hasattr(result, "__await__"):
+                    await result  # type: ignore[misc]
+            except Exception:
+                self.log.failure("error while stopping {part}", part=name)
+        self.log.info("mtad stopped")
