@@ -316,16 +316,16 @@ class MtadService(Service):
         return statuses
 
     async def _drain_smtp_sessions(self) -> None:
-        """Give sessions that are mid-transaction a moment to get their reply; then close the rest.
+        """Close idle sessions at once; give those storing a message a moment to send their reply.
 
         Closing a session before its 250 loses nothing: the client still holds the message and retries.
         """
         waited = 0.0
-        while waited < SMTP_GRACE_SECONDS and any(f.connections for f in self.smtp_factories):
+        while sum(f.close_sessions() for f in self.smtp_factories) and waited < SMTP_GRACE_SECONDS:
             await deferLater(self._reactor, 0.1)
             waited += 0.1
         for factory in self.smtp_factories:
-            factory.close_all_sessions()
+            factory.close_sessions(even_busy=True)
 
     async def _open_http_listeners(
         self, queue: RedisQueue, database: Database, smtp_listeners: list[ListenerStatus]

@@ -346,16 +346,21 @@ class SMTPServerFactory(ServerFactory):
         self.sessions.add(protocol)
         return protocol
 
-    def close_all_sessions(self) -> None:
-        """Shutdown: tell every open session ``421 4.3.2`` and close it (RFC 5321 §3.8).
+    def close_sessions(self, even_busy: bool = False) -> int:
+        """Shutdown: tell open sessions ``421 4.3.2`` and close them (RFC 5321 §3.8); return how many remain.
 
+        Sessions waiting on the policy (a message being stored) are left to finish unless ``even_busy``.
         A client cut off before its 250 still holds its message and retries; nothing accepted is lost.
         """
         for protocol in list(self.sessions):
+            if not even_busy and protocol.machine is not None and protocol.machine.waiting:
+                continue
+            self.sessions.discard(protocol)
             transport = protocol.transport
             if transport is not None:
                 transport.write(Reply(421, "4.3.2", f"{self.settings.hostname} shutting down").to_bytes())
                 transport.loseConnection()
+        return len(self.sessions)
 
     def connection_closed(self, ip: str) -> None:
         """A session ended: free its connection slots."""

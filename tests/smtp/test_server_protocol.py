@@ -184,6 +184,24 @@ class OrderingTests(SynchronousTestCase):
         self.assertRaises(ValueError, make_factory, TestPolicy(), tls_mode="starttls")
 
 
+class ShutdownTests(SynchronousTestCase):
+    def test_idle_sessions_closed_busy_sessions_left_to_finish(self) -> None:
+        """close_sessions answers idle sessions 421 4.3.2 and closes them; one storing a message is left."""
+        policy = SlowPolicy()
+        factory = make_factory(policy)
+        _, idle = connect(factory, "192.0.2.1")
+        busy_proto, busy = connect(factory, "192.0.2.2")
+        busy_proto.dataReceived(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\n")
+        replies(idle)
+        replies(busy)
+        self.assertEqual(factory.close_sessions(), 1)
+        self.assertEqual(replies(idle), ["421 4.3.2 mx.mtad.test shutting down"])
+        self.assertTrue(idle.disconnecting)
+        self.assertFalse(busy.disconnecting)
+        self.assertEqual(factory.close_sessions(even_busy=True), 0)
+        self.assertTrue(busy.disconnecting)
+
+
 class TimeoutTests(SynchronousTestCase):
     def test_idle_timeout(self) -> None:
         """Client silence past the timeout gets 421 4.4.2 and the close; activity restarts the timer."""
