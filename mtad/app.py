@@ -43,7 +43,7 @@ from mtad.outbound.retry import RetryPolicy
 from mtad.queue.client import RedisClient
 from mtad.queue.embedded import EmbeddedRedis
 from mtad.queue.events import EventStream
-from mtad.queue.limits import ConnectionLimiter
+from mtad.queue.limits import AuthFailureCounter, ConnectionLimiter
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.client import ClientTimeouts
 from mtad.smtp.relay_policy import RelayPolicy
@@ -285,6 +285,11 @@ class MtadService(Service):
             acceptor,
             listeners_without_auth=without_auth,
         )
+        # One failed-AUTH count per client IP for all listeners and all processes sharing this Redis.
+        assert self.redis is not None
+        auth_limiter = AuthFailureCounter(
+            self.redis, self._reactor, smtp.max_auth_failures, smtp.auth_failure_window
+        )
         statuses: list[ListenerStatus] = []
         for listener in smtp.listeners:
             name = listener.name or listener.endpoint
@@ -303,6 +308,7 @@ class MtadService(Service):
                 max_bad_commands=smtp.max_bad_commands,
                 max_auth_failures=smtp.max_auth_failures,
                 auth_failure_window=smtp.auth_failure_window,
+                auth_limiter=auth_limiter,
             )
             served: IProtocolFactory = factory
             if listener.tls == "implicit":

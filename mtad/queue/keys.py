@@ -91,6 +91,9 @@ class QueueKeys:
     def limit(self, key: str) -> str:
         return f"{self.prefix}limit:{key}"
 
+    def auth_failures(self, client_ip: str) -> str:
+        return f"{self.prefix}authfail:{client_ip}"
+
     def queue_keys(self) -> list[str]:
         """The KEYS every queue script receives, in this order (``KEYS[1]`` … ``KEYS[6]``)."""
         return [self.next_id, self.due, self.leased, self.held, self.created, self.events]
@@ -365,6 +368,18 @@ return {
   redis.call('ZCOUNT', K_DUE, '-inf', now), redis.call('ZCARD', K_DUE),
   redis.call('ZCARD', K_LEASED), redis.call('ZCARD', K_HELD), oldest_at
 }
+""",
+)
+
+# Failed AUTH attempts of one client IP. KEYS: the IP's ZSET. ARGV: now, horizon (now - window), member,
+# ttl_ms. Drops failures older than the window, adds this one, returns how many remain.
+AUTH_FAILURE_ADD = Script.of(
+    "auth_failure_add",
+    r"""
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+return redis.call('ZCARD', KEYS[1])
 """,
 )
 

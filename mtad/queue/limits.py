@@ -9,11 +9,13 @@ racing for the last slots can never each hold half of what they need.
 from __future__ import annotations
 
 import math
+import secrets
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from mtad.queue.client import RedisClient
-from mtad.queue.keys import LIMIT_ACQUIRE, LIMIT_RELEASE, LIMIT_RENEW, QueueKeys
+from mtad.queue.keys import AUTH_FAILURE_ADD, LIMIT_ACQUIRE, LIMIT_RELEASE, LIMIT_RENEW, QueueKeys
 
 
 def _ttl_ms(ttl: float) -> int:
@@ -65,3 +67,46 @@ class ConnectionLimiter:
         """Slots currently held in ``key`` (unexpired at ``now``), for metrics and tests."""
         d = self.client.execute("ZCOUNT", self.keys.limit(key), f"({float(now)!r}", "+inf")
         return d.addCallback(int)
+
+
+class AuthFailureCounter:
+    """Failed SMTP AUTH attempts per client IP in a sliding window, counted in Redis.
+
+    Shared by every mtad process (DESIGN.md invariant 6): a guesser spreading attempts over several
+    processes or machines behind one address still gets ``max_failures`` per ``window``, not that many
+    per process. Implements ``mtad.smtp.server_protocol.AuthLimiter``.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        clock: IReactorTime,
+        max_failures: int = 5,
+        window: float = 300.0,
+        keys: QueueKeys | None = None,
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.keys = keys if keys is not None else QueueKeys()
+
+    def is_blocked(self, client_ip: str) -> Deferred[bool]:
+        """Whether ``client_ip`` has ``max_failures`` failures within the window."""
+        now = self.clock.seconds()
+        d = self.client.execute(
+            "ZCOUNT", self.keys.auth_failures(client_ip), f"({now - self.window!r}", "+inf"
+        )
+        return d.addCallback(lambda count: int(count) >= self.max_failures)
+
+    def add_failure(self, client_ip: str) -> Deferred[None]:
+        now = self.clock.seconds()
+        args: list[str | bytes | int | float] = [
+            repr(now),
+            repr(now - self.window),
+            f"{now!r}:{secrets.token_hex(4)}",
+            _ttl_ms(self.window),
+        ]
+        key = self.keys.auth_failures(client_ip)
+        d = Deferred.fromCoroutine(self.client.run_script(AUTH_FAILURE_ADD, [key], args))
+        return d.addCallback(lambda _: None)

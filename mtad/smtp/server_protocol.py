@@ -13,6 +13,7 @@ import secrets
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -43,8 +44,16 @@ TOO_MANY_AUTH_FAILURES = Reply(454, "4.7.0", "Too many failed authentication att
 TLS_MODES = ("none", "starttls", "implicit")
 
 
+class AuthLimiter(TypingProtocol):
+    """Counts failed AUTH attempts per client IP; `mtad.queue.limits.AuthFailureCounter` is the shared one."""
+
+    def is_blocked(self, client_ip: str) -> Deferred[bool]: ...
+
+    def add_failure(self, client_ip: str) -> Deferred[None]: ...
+
+
 class AuthFailureLimiter:
-    """Failed AUTH attempts per client IP in a sliding window, in memory.
+    """Failed AUTH attempts per client IP in a sliding window, in memory (the default without Redis).
 
     Password guessing is slowed per process: after ``max_failures`` failures within ``window`` seconds an
     IP gets ``454 4.7.0`` (RFC 4954 §6, temporary) for AUTH until its oldest failure leaves the window.
@@ -82,6 +91,13 @@ class AuthFailureLimiter:
         if failures is None:
             failures = self._failures[ip] = deque()
         failures.append(self.clock.seconds())
+
+    def is_blocked(self, client_ip: str) -> Deferred[bool]:
+        return succeed(self.blocked(client_ip))
+
+    def add_failure(self, client_ip: str) -> Deferred[None]:
+        self.record_failure(client_ip)
+        return succeed(None)
 
 
 class SMTPServerProtocol(Protocol):
@@ -200,16 +216,35 @@ class SMTPServerProtocol(Protocol):
         if isinstance(request, CheckRcpt):
             return policy.check_rcpt(request.session, request.mail_from, request.address)
         if isinstance(request, Authenticate):
-            if self.server_factory.auth_limiter.blocked(request.session.client_ip):
-                return succeed(TOO_MANY_AUTH_FAILURES)
-            return policy.authenticate(request.session, request.username, request.password)
+            return self._authenticate(request)
         return policy.accept_message(request.session, request.envelope, request.message)
+
+    def _authenticate(self, request: Authenticate) -> Deferred[Any]:
+        """Ask the policy unless this client IP has failed too often (RFC 4954 §6: 454 4.7.0)."""
+        ip = request.session.client_ip
+
+        def unknown(failure: Failure) -> bool:
+            # The counter lives in Redis; while Redis is away, authenticate without it rather than refuse.
+            self.log.failure("smtp auth limiter unavailable for {client_ip}", failure, client_ip=ip)
+            return False
+
+        def decide(blocked: bool) -> Deferred[Any]:
+            if blocked:
+                return succeed(TOO_MANY_AUTH_FAILURES)
+            return self.server_factory.policy.authenticate(
+                request.session, request.username, request.password
+            )
+
+        return self.server_factory.auth_limiter.is_blocked(ip).addErrback(unknown).addCallback(decide)
 
     def _answered(self, request: PolicyRequest, result: Reply | AuthIdentity | None) -> list[Action]:
         assert self.machine is not None
         if isinstance(request, Authenticate):
             if result is None:
-                self.server_factory.auth_limiter.record_failure(request.session.client_ip)
+                recorded = self.server_factory.auth_limiter.add_failure(request.session.client_ip)
+                recorded.addErrback(
+                    lambda f: self.log.failure("smtp auth failure not counted", f)  # type: ignore[arg-type]
+                )
                 self.log.info(
                     "smtp auth failed for {username} from {client_ip} in {session_id}",
                     username=request.username,
@@ -294,6 +329,7 @@ class SMTPServerFactory(ServerFactory):
         max_bad_commands: int = 10,
         max_auth_failures: int = 5,
         auth_failure_window: float = 300.0,
+        auth_limiter: AuthLimiter | None = None,
         timeouts: ServerTimeouts | None = None,
         new_session_id: Callable[[], str] | None = None,
     ) -> None:
@@ -317,7 +353,11 @@ class SMTPServerFactory(ServerFactory):
         )
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
-        self.auth_limiter = AuthFailureLimiter(clock, max_auth_failures, auth_failure_window)
+        self.auth_limiter: AuthLimiter = (
+            auth_limiter
+            if auth_limiter is not None
+            else AuthFailureLimiter(clock, max_auth_failures, auth_failure_window)
+        )
         self.new_session_id = new_session_id or (lambda: secrets.token_hex(8))
         self.connections = 0
         self.connections_per_ip: defaultdict[str, int] = defaultdict(int)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from mtad.queue.limits import ConnectionLimiter
+from twisted.internet.task import Clock
+
+from mtad.queue.limits import AuthFailureCounter, ConnectionLimiter
 from tests.redis_server import RedisTestCase
 
 NOW = 1_700_000_000.0
@@ -64,3 +66,23 @@ class LimiterTests(RedisTestCase):
         ttl = await self.redis.execute("PTTL", self.keys.limit("ip:1"))
         self.assertGreater(ttl, 29_000)
         self.assertLessEqual(ttl, 31_000)
+
+
+class AuthFailureCounterTests(RedisTestCase):
+    async def test_processes_share_the_count_and_window_slides(self) -> None:
+        """Failures counted by two processes add up per IP; they are forgotten after the window."""
+        clock = Clock()
+        clock.advance(NOW)
+        first = AuthFailureCounter(self.redis, clock, max_failures=3, window=60, keys=self.keys)
+        second = AuthFailureCounter(self.redis, clock, max_failures=3, window=60, keys=self.keys)
+        await first.add_failure("192.0.2.1")
+        clock.advance(10)
+        await second.add_failure("192.0.2.1")
+        self.assertFalse(await first.is_blocked("192.0.2.1"))
+        await first.add_failure("192.0.2.1")
+        self.assertTrue(await second.is_blocked("192.0.2.1"))
+        self.assertFalse(await second.is_blocked("192.0.2.2"))
+        clock.advance(51)  # the first failure is now older than the window
+        self.assertFalse(await first.is_blocked("192.0.2.1"))
+        ttl = await self.redis.execute("PTTL", self.keys.auth_failures("192.0.2.1"))
+        self.assertGreater(ttl, 0)

@@ -285,6 +285,23 @@ class LimitTests(SynchronousTestCase):
         proto.dataReceived(PLAIN_OK)
         self.assertEqual(replies(transport), ["235 2.7.0 Authentication successful"])
 
+    def test_unavailable_limiter_does_not_refuse_auth(self) -> None:
+        """When the shared failure counter cannot be read (Redis away), AUTH is decided by the policy."""
+
+        class BrokenLimiter:
+            def is_blocked(self, client_ip: str) -> Deferred[bool]:
+                return fail(ConnectionError("redis is down"))
+
+            def add_failure(self, client_ip: str) -> Deferred[None]:
+                return fail(ConnectionError("redis is down"))
+
+        policy = TestPolicy()
+        factory = make_factory(policy, allow_plaintext_auth=True, auth_limiter=BrokenLimiter())
+        proto, transport = connect(factory)
+        proto.dataReceived(b"EHLO c.example\r\n" + PLAIN_BAD + PLAIN_OK)
+        self.assertEqual([r[:9] for r in replies(transport)[2:]], ["535 5.7.8", "235 2.7.0"])
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 3)
+
     def test_limiter_window(self) -> None:
         """The limiter counts failures per IP in a sliding window and forgets old ones."""
         clock = Clock()
