@@ -10,10 +10,11 @@ Every claimed message leaves the service settled in exactly one way (DESIGN.md i
   attempts are used up;
 - ``hold_reason`` set by the accept path (development mode, held credential): moved to the held set
   with a ``Held`` event, never delivered;
-- throttled (no connection slot anywhere): its lease is shortened to ``retry_in`` seconds, so the claim
-  script puts it back at its old due time then — no attempt counted, no event (the queue has no
-  "reschedule without counting" script, and ``retry`` counts an attempt);
-- an error (deliverer bug, Redis trouble while settling, shutdown): released back to due.
+- throttled (no connection slot anywhere): released, due again in ``retry_in`` seconds — no attempt
+  counted, no event;
+- the deliverer raised (a bug): a ``SoftFail`` like any other, so it is retried on the schedule and
+  cannot spin;
+- an error while settling (Redis trouble) or shutdown: released back to due.
 
 A process that dies with messages leased loses nothing: the leases expire and any process claims the
 messages again. A delivery that outlives half its lease extends it.
@@ -30,9 +31,10 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mtad.events.recorder import MESSAGE_DELIVERY
-from mtad.outbound.deliverer import BatchOutcome, DeliveryResult
+from mtad.outbound.deliverer import BatchOutcome, DeliveryResult, RecipientResult
 from mtad.outbound.pools import IPPool
 from mtad.outbound.retry import DEFAULT_POLICY, RetryPolicy, backoff, max_attempts_details
 from mtad.queue.model import ClaimedMessage, NewEvent, RedisUnavailable
@@ -86,6 +88,23 @@ class DeliverySettings:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def internal_error_outcome(messages: Sequence[OutgoingMessage], failure: Failure) -> BatchOutcome:
+    """A SoftFail for each message, for when the deliverer itself raised."""
+    error = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
+    result = DeliveryResult(
+        "SoftFail",
+        None,
+        "4.3.0",
+        "",
+        f"Internal error while delivering: {error}",
+        False,
+        0.0,
+        None,
+        None,
+    )
+    return BatchOutcome(tuple(RecipientResult(m, r, result) for m in messages for r in m.recipients))
 
 
 def recipient_domain(rcpt_to: str) -> str:
@@ -332,14 +351,17 @@ class DeliveryService(Service):
             if self._abandoned:  # cancelled by stopService after drain_timeout
                 await self._release(messages, "shutting down")
                 return
+            failure = Failure()  # type: ignore[no-untyped-call]
             self.log.failure(
-                "delivering {count} messages to {domain} via pool {pool} failed; releasing them",
+                "delivering {count} messages to {domain} via pool {pool} failed",
+                failure,
                 count=len(messages),
                 domain=domain,
                 pool=pool.name,
             )
-            await self._release(messages, "delivery failed")
-            return
+            # Counted as a soft failure like any other, so a message that trips a bug every time is
+            # retried on the schedule and finally fails, instead of spinning at once forever.
+            outcome = internal_error_outcome(outgoing, failure)
         finally:
             if extender.running:
                 extender.stop()
@@ -439,10 +461,9 @@ class DeliveryService(Service):
         self._check(await self._queue.ack(message.id, message.lease_token, event), message, "ack")
 
     async def _throttle(self, message: ClaimedMessage, delay: float) -> None:
-        # The lease runs out in ``delay`` seconds and the next claim (any process) requeues the message at
-        # its old due time: a reschedule that counts no attempt and writes no event.
-        deadline = self._clock.seconds() + delay
-        ok = await self._queue.extend_lease(message.id, message.lease_token, deadline)
+        # No connection slot was free: due again in ``delay`` seconds, no attempt counted, no event.
+        due_at = self._clock.seconds() + delay
+        ok = await self._queue.release(message.id, message.lease_token, due_at)
         self._check(ok, message, "reschedule")
 
     # -- holding ------------------------------------------------------------------------------------

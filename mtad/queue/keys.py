@@ -337,7 +337,7 @@ return 1
 """,
 )
 
-# ARGV: prefix, id, lease_token
+# ARGV: prefix, id, lease_token, due_at ('' keeps the previous due time). No attempt is counted.
 RELEASE = Script.of(
     "release",
     _COMMON
@@ -347,8 +347,9 @@ local mkey = msg_key(id)
 if not leased_by(mkey, token) then return 0 end
 redis.call('ZREM', K_LEASED, id)
 clear_lease(mkey)
-local due_at = redis.call('HGET', mkey, 'due_at') or '0'
-redis.call('HSET', mkey, 'state', 'due')
+local due_at = ARGV[4]
+if due_at == '' then due_at = redis.call('HGET', mkey, 'due_at') or '0' end
+redis.call('HSET', mkey, 'state', 'due', 'due_at', due_at)
 redis.call('ZADD', K_DUE, due_at, id)
 return 1
 """,

@@ -211,9 +211,13 @@ class RedisQueue:
         """Push a lease's deadline to ``deadline`` for a long delivery; False when the lease is stale."""
         return self._run(EXTEND_LEASE, [message_id, lease_token, _number(deadline)]).addCallback(bool)
 
-    def release(self, message_id: int, lease_token: str) -> Deferred[bool]:
-        """Give a leased message back, due at its previous due time, no attempt counted (shutdown)."""
-        return self._run(RELEASE, [message_id, lease_token]).addCallback(bool)
+    def release(self, message_id: int, lease_token: str, due_at: float | None = None) -> Deferred[bool]:
+        """Give a leased message back, due at ``due_at`` (default: its previous due time), no attempt counted.
+
+        Used on shutdown (previous due time) and when no connection slot was free (due a little later).
+        """
+        at = "" if due_at is None else _number(due_at)
+        return self._run(RELEASE, [message_id, lease_token, at]).addCallback(bool)
 
     # -- inspect --------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from mtad.outbound.delivery import (
 )
 from mtad.outbound.mx import MXResolver, ResolverConfig
 from mtad.outbound.pools import IPPool, SourceAddress
-from mtad.outbound.retry import RetryPolicy
+from mtad.outbound.retry import DEFAULT_POLICY, RetryPolicy, backoff
 from mtad.queue.client import RedisClient
 from mtad.queue.limits import ConnectionLimiter
 from mtad.queue.model import NewMessage
@@ -343,7 +343,7 @@ class SettleTests(ServiceTestCase):
         service = self.start(deliverer)
 
         async def rescheduled() -> bool:
-            return await self.score(self.keys.leased, mid) == NOW + 30
+            return await self.score(self.keys.due, mid) == NOW + 30
 
         await eventually(rescheduled)
         await true(lambda: service.in_flight == 0)
@@ -457,21 +457,25 @@ class LoopTests(ServiceTestCase):
         fields = await self.queue.message_fields(mid)
         self.assertEqual((fields["lease_owner"], fields["lease_token"]), ("other-worker", stolen.lease_token))
 
-    async def test_deliverer_exception_releases_messages(self) -> None:
-        """A deliverer error is logged, the batch is released unchanged and the loop carries on."""
+    async def test_deliverer_exception_is_a_counted_soft_failure(self) -> None:
+        """A deliverer error is logged and counted as a SoftFail retried on the schedule (no hot loop)."""
         (mid,) = await self.enqueue("a@example.test")
         deliverer = FakeDeliverer(Boom("bug"), every(SENT))
         service = self.start(deliverer)
         await true(lambda: len(deliverer.calls) == 1)
-        fields = await self.wait_for_state(mid, "due")
-        self.assertEqual(len(self.flushLoggedErrors(Boom)), 1)
-        self.assertEqual((fields["attempts"], "lease_token" in fields), ("0", False))
-        self.assertEqual(await self.score(self.keys.due, mid), NOW)
-        self.assertEqual(await self.deliveries(), [])
-        await true(lambda: service.in_flight == 0)
-        self.clock.advance(1)
         (data,) = await self.wait_for_deliveries(1)
-        self.assertEqual((data["status"], data["attempt"]), ("Sent", 1))
+        self.assertEqual(len(self.flushLoggedErrors(Boom)), 1)
+        self.assertEqual((data["status"], data["attempt"]), ("SoftFail", 1))
+        self.assertIn("Internal error while delivering: Boom: bug", data["details"])
+        fields = await self.wait_for_state(mid, "due")
+        self.assertEqual(fields["attempts"], "1")
+        delay = backoff(1, DEFAULT_POLICY)
+        assert delay is not None
+        self.assertEqual(await self.score(self.keys.due, mid), NOW + delay)
+        await true(lambda: service.in_flight == 0)
+        self.clock.advance(delay)
+        (_, data) = await self.wait_for_deliveries(2)
+        self.assertEqual((data["status"], data["attempt"]), ("Sent", 2))
 
     async def test_redis_unavailable_during_claim(self) -> None:
         """With Redis unreachable the loop waits a poll interval and claims again once it is back."""
