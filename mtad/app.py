@@ -55,8 +55,6 @@ from mtad.tls import ensure_self_signed, server_context
 
 #: Seconds open SMTP sessions may take to finish after the listeners close on shutdown.
 SMTP_GRACE_SECONDS = 10.0
-#: Seconds start-up waits for Redis to answer before giving up.
-REDIS_CONNECT_TIMEOUT = 30.0
 
 
 class StartupError(Exception):
@@ -141,7 +139,7 @@ class MtadService(Service):
         self.redis = RedisClient.from_url(self._reactor, redis_url, timeout=config.redis.timeout, poolsize=4)
         self._on_stop("redis client", self.redis.disconnect)
         connected = self.redis.wait_connected()
-        connected.addTimeout(REDIS_CONNECT_TIMEOUT, self._reactor)
+        connected.addTimeout(max(config.redis.timeout, 1.0), self._reactor)
         try:
             await connected
         except Exception as e:
