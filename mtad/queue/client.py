@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mtad.queue.keys import Script
-from mtad.queue.model import QueueError, RedisUnavailable
+from mtad.queue.model import QueueError, QueueFull, RedisUnavailable
 
 
 @attrs.frozen
@@ -175,7 +175,7 @@ class RedisClient:
         try:
             reply = await d
         except txredisapi.ResponseError as e:
-            raise QueueError(f"Redis error: {e}") from e
+            raise _response_error(e) from e
         except txredisapi.ConnectionError as e:
             raise RedisUnavailable(f"lost connection to Redis at {self.address.describe()}: {e}") from e
         except CancelledError:
@@ -186,7 +186,7 @@ class RedisClient:
             raise
         self._was_connected = True
         if isinstance(reply, txredisapi.ResponseError):
-            raise QueueError(f"Redis error: {reply}")
+            raise _response_error(reply)
         return reply
 
     async def run_script(self, script: Script, keys: list[str], args: list[str | bytes | int | float]) -> Any:
@@ -241,3 +241,10 @@ def _encode(value: str | bytes | int | float) -> bytes:
     if isinstance(value, int):
         return str(value).encode("ascii")
     return repr(float(value)).encode("ascii")
+
+
+def _response_error(error: Exception) -> QueueError:
+    # "OOM command not allowed when used memory > 'maxmemory'", also inside a script's error text.
+    if "OOM command not allowed" in str(error):
+        return QueueFull(f"Redis is out of memory: {error}")
+    return QueueError(f"Redis error: {error}")

@@ -34,6 +34,10 @@ class QueueError(Exception):
     """Redis answered with an error, or an answer made no sense."""
 
 
+class QueueFull(QueueError):
+    """Redis refused a write for lack of memory (``maxmemory``): answer 452 4.3.1 (DESIGN.md invariant 3)."""
+
+
 class RedisUnavailable(QueueError):
     """Redis is down, unreachable or too slow: the caller should answer "try again later" (451 4.3.0)."""
 

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtad.accept import Acceptor, ServerSuspended
-from mtad.queue.model import RedisUnavailable
+from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo, SMTPPolicy
 from mtad.smtp.reply import Reply
 from mtad.store.credentials import (
@@ -55,6 +55,8 @@ BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 #: RFC 3463 X.3.0: the system (database or queue) failed; the client keeps the message and retries.
 TRY_AGAIN = Reply(451, "4.3.0", "Temporary failure, try again later")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
+#: RFC 3463 X.3.1 "mail system full"; 452 per RFC 5321 §4.2.2 (insufficient system storage).
+QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 #: Postal's delivery details for a message held because its credential says so.
 CREDENTIAL_HOLD = "Credential is configured to hold all messages authenticated by it."
@@ -268,6 +270,13 @@ class RelayPolicy:
             )
         except ServerSuspended:
             return SERVER_SUSPENDED
+        except QueueFull as e:
+            self.log.warn(
+                "smtp message in {session_id} not queued: {error}",
+                session_id=session.session_id,
+                error=str(e),
+            )
+            return QUEUE_FULL
         except RedisUnavailable as e:
             self.log.warn(
                 "smtp message in {session_id} not queued: {error}",

@@ -304,6 +304,17 @@ class RelayPolicyTests(RedisTestCase):
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
         self.assertIn("try again later", reply.text)
 
+    async def test_accept_redis_out_of_memory(self) -> None:
+        """When Redis refuses writes for lack of memory, DATA gets 452 4.3.1 and nothing is queued."""
+        authenticated = await self.login()
+        old = await self.redis.execute("CONFIG", "GET", "maxmemory")
+        self.addCleanup(lambda: self.redis.execute("CONFIG", "SET", "maxmemory", old[1]))
+        await self.redis.execute("CONFIG", "SET", "maxmemory", "1")
+        reply = await self.policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
+        await self.redis.execute("CONFIG", "SET", "maxmemory", old[1])
+        self.assertEqual((reply.code, reply.enhanced), (452, "4.3.1"))
+        self.assertEqual((await self.queue.stats(NOW)).due_now, 0)
+
     async def test_accept_redis_unreachable_times_out(self) -> None:
         """A Redis that never answers gives 451 4.3.0 once the acceptor's timeout passes."""
         client = RedisClient.from_url(
