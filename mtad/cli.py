@@ -14,11 +14,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+import attrs
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from mtad.config import ConfigError, load_config
+from mtad.config import Config, ConfigError, load_config
+from mtad.domains import dns_check
+from mtad.domains.dns_check import BlockingResolver, DomainSettings, run_blocking
+from mtad.mail.dkim_keys import ED25519, RSA
+from mtad.outbound.mx import parse_nameservers
 from mtad.store import credentials as credential_store
+from mtad.store import domains as domain_store
 from mtad.store import organizations as organization_store
 from mtad.store import servers as server_store
 from mtad.store.db import StoreError, make_engine
@@ -31,12 +37,26 @@ class CommandError(Exception):
     """A problem to report to the operator as one line, exiting with status 1."""
 
 
-def database_url_from_toml(path: str | Path | None) -> str:
-    """The database URL the daemon would use with this config file (checked in full, as the daemon does)."""
+def config_from_toml(path: str | Path | None) -> Config:
+    """The configuration the daemon would use with this file (checked in full, as the daemon does)."""
     try:
-        return load_config(path).database_url
+        return load_config(path)
     except ConfigError as e:
         raise CommandError(str(e)) from None
+
+
+def database_url_from_toml(path: str | Path | None) -> str:
+    """The database URL the daemon would use with this config file (checked in full, as the daemon does)."""
+    return config_from_toml(path).database_url
+
+
+def domain_settings(config: Config) -> DomainSettings:
+    """The ``[domains]`` settings of ``config``, or Postal's defaults while the config has no such section."""
+    section = getattr(config, "domains", None)
+    if section is None:
+        return DomainSettings()
+    names = [field.name for field in attrs.fields(DomainSettings)]
+    return DomainSettings(**{name: getattr(section, name) for name in names if hasattr(section, name)})
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -47,10 +67,12 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 class _Commands:
-    def __init__(self, url: str, out: TextIO) -> None:
-        self.url = url
+    def __init__(self, config: Config, out: TextIO) -> None:
+        self.config = config
+        self.url = config.database_url
         self.out = out
         self._engine: Engine | None = None
+        self.domain_settings = domain_settings(config)
 
     @property
     def engine(self) -> Engine:
@@ -189,6 +211,225 @@ class _Commands:
             ],
         )
 
+    # Domains.
+
+    def _resolver(self) -> BlockingResolver:
+        try:
+            nameservers = parse_nameservers(self.config.dns.nameservers)
+        except ValueError as e:
+            raise CommandError(f"dns.nameservers: {e}") from None
+        return BlockingResolver(nameservers, timeout=self.config.dns.timeout)
+
+    def _owner_names(self, conn: Connection) -> dict[tuple[str, int], str]:
+        names = {("server", s.id): s.full_permalink for s in server_store.list_servers(conn)}
+        for organization in organization_store.list_organizations(conn):
+            names["organization", organization.id] = f"{organization.permalink}/*"
+        return names
+
+    def _owner(self, names: dict[tuple[str, int], str], domain: domain_store.Domain) -> str:
+        if domain.server_id is not None:
+            return names.get(("server", domain.server_id), f"server {domain.server_id}")
+        assert domain.organization_id is not None
+        return names.get(("organization", domain.organization_id), f"organization {domain.organization_id}")
+
+    def _load_domain(self, name: str) -> tuple[domain_store.Domain, list[domain_store.DomainKey], str]:
+        def load(conn: Connection) -> tuple[domain_store.Domain, list[domain_store.DomainKey], str]:
+            domain = domain_store.get_domain_by_name(conn, name)
+            return (
+                domain,
+                domain_store.list_keys(conn, domain.id),
+                self._owner(self._owner_names(conn), domain),
+            )
+
+        return self.transaction(load)
+
+    def _print_records(self, domain: domain_store.Domain, keys: list[domain_store.DomainKey]) -> None:
+        settings = self.domain_settings
+        notes = {
+            "verification": f"Verification: proves you control {domain.name} (then `mtad verify-domain`)",
+            "spf": f"SPF: lets us send for {domain.name} (merge the include into an existing SPF record)",
+            "return-path": f"Return path: bounces to mail from {domain.name} come back through this name",
+            "mx": f"MX (optional): only to receive mail for {domain.name} here",
+        }
+        dkim_keys = iter(key for key in keys if key.state != domain_store.RETIRED)
+        shown: set[str] = set()
+        for record in dns_check.records_to_publish(domain, keys, settings):
+            if record.purpose == "dkim":
+                key = next(dkim_keys)
+                self.print(f"; DKIM: {key.algorithm} key, selector {key.selector} ({key.state})")
+            elif record.purpose not in shown:
+                if record.purpose == "verification" and domain.verified:
+                    continue
+                self.print(f"; {notes[record.purpose]}")
+            shown.add(record.purpose)
+            self.print(record.zone_line())
+
+    def _print_statuses(self, domain: domain_store.Domain, keys: list[domain_store.DomainKey]) -> None:
+        self.print(f"DNS checked: {_format_time(domain.dns_checked_at)}")
+        for label, status, error in (
+            ("SPF", domain.spf_status, domain.spf_error),
+            ("DKIM", domain.dkim_status, domain.dkim_error),
+            ("MX", domain.mx_status, domain.mx_error),
+            ("Return path", domain.return_path_status, domain.return_path_error),
+        ):
+            self.print(f"  {label:<12} {_status(status, error)}")
+        self.print("DKIM keys:")
+        for key in keys:
+            state = key.state if key.retired_at is None else f"{key.state} {_format_time(key.retired_at)}"
+            dns = _status(key.dns_status, key.dns_error)
+            self.print(f"  {key.selector:<20} {key.algorithm:<8} {state:<10} DNS {dns}")
+
+    def add_domain(self, args: argparse.Namespace) -> None:
+        settings = self.domain_settings
+
+        def add(conn: Connection) -> tuple[domain_store.Domain, list[domain_store.DomainKey], str]:
+            if args.organization:
+                organization = organization_store.get_organization(conn, args.owner)
+                owner = {"organization_id": organization.id}
+                label = f"organization {organization.permalink}"
+            else:
+                server = server_store.get_server_by_name(conn, args.owner)
+                owner = {"server_id": server.id}
+                label = f"server {server.full_permalink}"
+            domain = domain_store.create_domain(
+                conn,
+                args.name,
+                time.time(),
+                algorithms=(RSA, ED25519) if args.ed25519 else (RSA,),
+                selector_prefix=settings.selector_prefix,
+                rsa_bits=settings.rsa_bits,
+                use_for_any=args.use_for_any,
+                **owner,
+            )
+            return domain, domain_store.list_keys(conn, domain.id), label
+
+        domain, keys, label = self.transaction(add)
+        self.print(f"domain {domain.name} added to {label} (id {domain.id}); publish these DNS records:", "")
+        self._print_records(domain, keys)
+
+    def list_domains(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> tuple[dict[tuple[str, int], str], list[domain_store.Domain]]:
+            if args.server is None:
+                return self._owner_names(conn), domain_store.list_domains(conn)
+            server = server_store.get_server_by_name(conn, args.server)
+            return self._owner_names(conn), domain_store.list_domains(conn, server.id, server.organization_id)
+
+        names, domains = self.transaction(load)
+        self._table(
+            ["ID", "DOMAIN", "OWNER", "VERIFIED", "SPF", "DKIM", "MX", "RETURN PATH", "ANY"],
+            [
+                [
+                    str(d.id),
+                    d.name,
+                    self._owner(names, d),
+                    "yes" if d.verified else "no",
+                    d.spf_status or "-",
+                    d.dkim_status or "-",
+                    d.mx_status or "-",
+                    d.return_path_status or "-",
+                    "yes" if d.use_for_any else "no",
+                ]
+                for d in domains
+            ],
+        )
+
+    def show_domain(self, args: argparse.Namespace) -> None:
+        domain, keys, owner = self._load_domain(args.name)
+        self.print(
+            f"domain {domain.name} (id {domain.id})",
+            f"owner: {owner}",
+            f"verified: {_format_time(domain.verified_at) if domain.verified else 'no'}",
+            f"use for any From domain: {'yes' if domain.use_for_any else 'no'}",
+        )
+        self._print_statuses(domain, keys)
+        self.print("", "DNS records:")
+        self._print_records(domain, keys)
+
+    def verify_domain(self, args: argparse.Namespace) -> None:
+        domain, _, _ = self._load_domain(args.name)
+        if domain.verified:
+            self.print(f"{domain.name} is already verified (since {_format_time(domain.verified_at)})")
+            return
+        result = run_blocking(dns_check.check_verification(self._resolver(), domain, self.domain_settings))
+        if result.status != domain_store.OK:
+            raise CommandError(f"{domain.name} is not verified: {result.error}")
+        self.transaction(lambda conn: domain_store.verify_domain(conn, domain.id, time.time()))
+        self.print(
+            f"{domain.name} verified; next: publish its other records and `mtad check-domain {domain.name}`"
+        )
+
+    def check_domain(self, args: argparse.Namespace) -> None:
+        domain, keys, _ = self._load_domain(args.name)
+        result = run_blocking(dns_check.check_domain(self._resolver(), domain, keys, self.domain_settings))
+        domain = self.transaction(
+            lambda conn: domain_store.record_dns_check(conn, domain.id, result, time.time())
+        )
+        keys = self.transaction(lambda conn: domain_store.list_keys(conn, domain.id))
+        self.print(f"domain {domain.name}: DNS {'OK' if domain.dns_ok else 'not OK'}")
+        self._print_statuses(domain, keys)
+        for key_id, check in result.keys:
+            if check.status is None:
+                selector = next(k.selector for k in keys if k.id == key_id)
+                self.print(f"  {selector}: {check.error}")
+        for field in ("spf", "dkim", "mx", "return_path"):
+            check = getattr(result, field)
+            if check.status is None:
+                self.print(f"  {field.replace('_', ' ')} not checked: {check.error}")
+        if not domain.verified:
+            self.print(f"note: {domain.name} is not verified yet; `mtad verify-domain {domain.name}`")
+
+    def rotate_dkim(self, args: argparse.Namespace) -> None:
+        settings = self.domain_settings
+
+        def rotate(conn: Connection) -> tuple[domain_store.Domain, domain_store.DomainKey, list[str]]:
+            domain = domain_store.get_domain_by_name(conn, args.name)
+            key = domain_store.rotate_key(
+                conn,
+                domain.id,
+                time.time(),
+                algorithm=args.algorithm,
+                selector_prefix=settings.selector_prefix,
+                rsa_bits=settings.rsa_bits,
+            )
+            current = [
+                k.selector for k in domain_store.signing_keys(conn, domain.id) if k.algorithm == key.algorithm
+            ]
+            return domain, key, current
+
+        domain, key, current = self.transaction(rotate)
+        record = next(r for r in dns_check.records_to_publish(domain, [key], settings) if r.purpose == "dkim")
+        self.print(
+            f"new {key.algorithm} key for {domain.name}: selector {key.selector} (not signing yet)",
+            "Publish this record; once it resolves, "
+            f"`mtad activate-dkim {domain.name} {key.selector}` switches signing to it:",
+            record.zone_line(),
+        )
+        if current:
+            self.print(
+                f"Keep the record of the current key ({current[0]}) until a few days after the switch."
+            )
+
+    def activate_dkim(self, args: argparse.Namespace) -> None:
+        domain, keys, _ = self._load_domain(args.name)
+        selector = args.selector.strip().lower()
+        key = next((k for k in keys if k.selector == selector), None)
+        if key is None:
+            raise CommandError(f"{domain.name} has no DKIM key with selector {args.selector!r}")
+        if not args.force and key.state != domain_store.ACTIVE:
+            check = run_blocking(dns_check.check_dkim_key(self._resolver(), domain, key))
+            if check.status != domain_store.OK:
+                raise CommandError(
+                    f"not activating {key.selector}: {check.error} (publish the record first, or use --force)"
+                )
+        retiring = [
+            k.selector for k in keys if k.state == domain_store.ACTIVE and k.algorithm == key.algorithm
+        ]
+        self.transaction(lambda conn: domain_store.activate_key(conn, domain.id, selector, time.time()))
+        self.print(f"{domain.name} now signs {key.algorithm} with {key.selector}")
+        for old in retiring:
+            if old != key.selector:
+                self.print(f"{old} retired: keep its record published for a few days, then remove it")
+
     def _table(self, header: list[str], rows: list[list[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
         for row in [header, *rows]:
@@ -199,6 +440,12 @@ def _format_time(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _status(status: str | None, error: str | None) -> str:
+    if status is None:
+        return "not checked"
+    return f"{status}: {error}" if error else status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -233,6 +480,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("organization", metavar="ORG_PERMALINK", nargs="?")
     p = commands.add_parser("list-credentials", help="list credentials (never their secrets)")
     p.add_argument("server", metavar="SERVER", nargs="?")
+
+    p = commands.add_parser("add-domain", help="add a sending domain; prints the DNS records to publish")
+    p.add_argument(
+        "owner", metavar="SERVER_OR_ORG", help="organization/server, or with --organization an organization"
+    )
+    p.add_argument("name", metavar="NAME", help="the domain, e.g. example.com")
+    p.add_argument(
+        "--organization", action="store_true", help="the domain belongs to the organization's servers"
+    )
+    p.add_argument("--ed25519", action="store_true", help="also make an Ed25519 key (dual signing, RFC 8463)")
+    p.add_argument(
+        "--use-for-any", action="store_true", help="may sign mail from any From domain of its owner"
+    )
+    p = commands.add_parser("list-domains", help="list domains (with a server: those it may send from)")
+    p.add_argument("server", metavar="SERVER", nargs="?")
+    p = commands.add_parser("show-domain", help="show a domain's DNS records, check results and DKIM keys")
+    p.add_argument("name", metavar="NAME", help="domain name, or its id if several owners added it")
+    p = commands.add_parser("verify-domain", help="look up the verification TXT record now; mark verified")
+    p.add_argument("name", metavar="NAME")
+    p = commands.add_parser("check-domain", help="check SPF, DKIM, MX and return-path records now")
+    p.add_argument("name", metavar="NAME")
+    p = commands.add_parser("rotate-dkim", help="make a new DKIM key to publish before activating it")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--algorithm", choices=[RSA, ED25519], default=RSA)
+    p = commands.add_parser(
+        "activate-dkim", help="sign with a published DKIM key; retire the one it replaces"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("selector", metavar="SELECTOR")
+    p.add_argument("--force", action="store_true", help="activate even if its DNS record is not found")
     return parser
 
 
@@ -248,7 +525,7 @@ def main(
     except SystemExit as e:  # argparse has printed the usage error (to sys.stderr).
         return int(e.code or 0)
     try:
-        commands = _Commands(database_url_from_toml(args.config), out)
+        commands = _Commands(config_from_toml(args.config), out)
         try:
             getattr(commands, args.command.replace("-", "_"))(args)
         finally:

@@ -54,7 +54,14 @@ def _record(kind: str, name: str, value: Any, ttl: int) -> dns.RRHeader:
     elif kind == "CNAME":
         payload = dns.Record_CNAME(value.encode(), ttl=ttl)
     elif kind == "TXT":
-        payload = dns.Record_TXT(value.encode(), ttl=ttl)
+        # A TXT record is a list of character-strings of at most 255 octets (RFC 1035 §3.3.14): a list
+        # value gives the strings as they are, a longer string is split as DNS servers publish it.
+        if isinstance(value, list):
+            parts = [part.encode() for part in value]
+        else:
+            raw = value.encode()
+            parts = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
+        payload = dns.Record_TXT(*parts, ttl=ttl)
     else:
         raise ValueError(f"unsupported record type {kind!r} for {name}")
     return dns.RRHeader(name=name.encode(), type=_TYPES[kind], ttl=ttl, payload=payload, auth=True)

@@ -148,3 +148,62 @@ deliveries = sa.Table(
     sa.Column("timestamp", Timestamp, nullable=False),
     **TABLE_OPTIONS,
 )
+
+domains = sa.Table(
+    "domains",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    # Lower-case, A-labels for internationalized names (RFC 5890), no trailing dot.
+    sa.Column("name", sa.String(253), nullable=False, index=True),
+    # The owner: exactly one of a server or an organization (whose servers may all use the domain).
+    sa.Column("server_id", sa.BigInteger, sa.ForeignKey("servers.id"), nullable=True),
+    sa.Column("organization_id", sa.BigInteger, sa.ForeignKey("organizations.id"), nullable=True),
+    # Published as a TXT record ``postal-verification <token>`` at the domain to prove control of it.
+    sa.Column("verification_token", sa.String(64), nullable=False),
+    sa.Column("verified_at", Timestamp, nullable=True),
+    # May send mail whose From domain is not one of the owner's verified domains (as in Postal).
+    sa.Column("use_for_any", sa.Boolean, nullable=False, default=False),
+    # DNS check results: ``OK``, ``Missing`` or ``Invalid`` with the reason, NULL before the first check.
+    sa.Column("spf_status", sa.String(16), nullable=True),
+    sa.Column("spf_error", sa.Text, nullable=True),
+    sa.Column("dkim_status", sa.String(16), nullable=True),
+    sa.Column("dkim_error", sa.Text, nullable=True),
+    sa.Column("mx_status", sa.String(16), nullable=True),
+    sa.Column("mx_error", sa.Text, nullable=True),
+    sa.Column("return_path_status", sa.String(16), nullable=True),
+    sa.Column("return_path_error", sa.Text, nullable=True),
+    sa.Column("dns_checked_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    # NULLs are distinct in unique constraints on every backend, so each applies to its kind of owner only.
+    sa.UniqueConstraint("server_id", "name"),
+    sa.UniqueConstraint("organization_id", "name"),
+    sa.CheckConstraint("(server_id IS NULL) <> (organization_id IS NULL)", name="one_owner"),
+    **TABLE_OPTIONS,
+)
+
+domain_keys = sa.Table(
+    "domain_keys",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("domain_id", sa.BigInteger, sa.ForeignKey("domains.id"), nullable=False),
+    # The DKIM selector (RFC 6376 §3.1): the record lives at ``<selector>._domainkey.<domain>``.
+    sa.Column("selector", sa.String(63), nullable=False),
+    # ``rsa`` or ``ed25519``.
+    sa.Column("algorithm", sa.String(16), nullable=False),
+    sa.Column("private_key_pem", sa.Text, nullable=False),
+    # Base64, as in the ``p=`` tag of the DNS record.
+    sa.Column("public_key", sa.Text, nullable=False),
+    # ``published`` (record to be put in DNS, not signing yet), ``active`` (signing; one per algorithm),
+    # ``retired`` (no longer signing; its record stays until signed mail in flight has been verified).
+    sa.Column("state", sa.String(16), nullable=False),
+    # Result of the last DNS check of this key's record: ``OK``, ``Missing`` or ``Invalid`` and why.
+    sa.Column("dns_status", sa.String(16), nullable=True),
+    sa.Column("dns_error", sa.Text, nullable=True),
+    sa.Column("activated_at", Timestamp, nullable=True),
+    sa.Column("retired_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("domain_id", "selector"),
+    **TABLE_OPTIONS,
+)

@@ -7,11 +7,19 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtad.cli import CommandError, database_url_from_toml, main
 from mtad.store.migrate import head_revision
+from tests.domains.support import add_record
+from tools.fakedns import FakeDNS, start_fake_dns
+
+reactor: Any = _reactor
 
 
 class CLITests(SynchronousTestCase):
@@ -130,3 +138,172 @@ class DatabaseURLTests(SynchronousTestCase):
         path.write_text("[database]\nurl = 5\n")
         error = self.assertRaises(CommandError, database_url_from_toml, path)
         self.assertIn("database.url", str(error))
+
+
+class DomainCLITests(TestCase):
+    """Domain commands, run in a thread (they block on DNS) against the fake DNS server on 127.0.0.1."""
+
+    def setUp(self) -> None:
+        self.zone: dict[str, Any] = {}
+        self.dns: FakeDNS = start_fake_dns(reactor, self.zone)
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.dns.stop()))
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.config = self.dir / "mtad.toml"
+        self.config.write_text(
+            f'[general]\ndata_dir = "{self.dir / "data"}"\n'
+            f'[dns]\nnameservers = ["127.0.0.1:{self.dns.port}"]\ntimeout = 2.0\n'
+        )
+
+    async def mtad(self, *argv: str, status: int = 0) -> str:
+        out, err = io.StringIO(), io.StringIO()
+        code = await deferToThread(main, ["--config", str(self.config), *argv], out, err)
+        self.assertEqual(code, status, err.getvalue())
+        return out.getvalue() if status == 0 else err.getvalue()
+
+    async def setup_server(self) -> None:
+        await self.mtad("initialize")
+        await self.mtad("make-organization", "Acme")
+        await self.mtad("make-server", "acme", "Main")
+
+    def publish(self, output: str, purpose: str | None = None) -> None:
+        """Put the zone-file lines of ``output`` (after a ``; <purpose>`` comment, if given) into the zone."""
+        wanted = purpose is None
+        for line in output.splitlines():
+            if line.startswith(";"):
+                wanted = purpose is None or line.startswith(f"; {purpose}")
+                continue
+            match = re.fullmatch(r"(\S+)\. IN (TXT|CNAME|MX) (.*)", line)
+            if match is None or not wanted:
+                continue
+            name, kind, rdata = match.groups()
+            value: Any
+            if kind == "TXT":
+                value = re.findall(r'"((?:[^"\\]|\\.)*)"', rdata)
+            elif kind == "MX":
+                preference, host = rdata.split()
+                value = [int(preference), host]
+            else:
+                value = rdata
+            add_record(self.zone, name, kind, value)
+
+    async def test_add_and_list_domains(self) -> None:
+        """add-domain prints every record to publish; list-domains shows owner, verification and statuses,
+        for all or for the domains a server may use."""
+        await self.setup_server()
+        out = await self.mtad("add-domain", "acme/main", "Example.COM")
+        self.assertIn("domain example.com added to server acme/main", out)
+        self.assertRegex(out, r'\nexample\.com\. IN TXT "postal-verification [A-Za-z0-9]{32}"\n')
+        self.assertIn('example.com. IN TXT "v=spf1 a mx include:spf.postal.example.com ~all"', out)
+        self.assertRegex(
+            out, r'\npostal-[a-z0-9]{6}\._domainkey\.example\.com\. IN TXT "v=DKIM1; t=s; h=sha256; p='
+        )
+        self.assertIn("psrp.example.com. IN CNAME rp.postal.example.com.", out)
+        self.assertIn("example.com. IN MX 10 mx1.postal.example.com.", out)
+        out = await self.mtad(
+            "add-domain", "acme", "org.example", "--organization", "--ed25519", "--use-for-any"
+        )
+        self.assertIn("added to organization acme", out)
+        self.assertEqual(out.count("._domainkey.org.example. IN TXT"), 2)
+        self.assertIn("k=ed25519", out)
+        await self.mtad("make-server", "acme", "Second")
+        await self.mtad("add-domain", "acme/second", "second.example")
+        out = await self.mtad("list-domains")
+        self.assertRegex(out, r"\n1 +example\.com +acme/main +no +- +- +- +- +no\n")
+        self.assertRegex(out, r"\n2 +org\.example +acme/\* +no( +-){4} +yes\n")
+        out = await self.mtad("list-domains", "acme/main")
+        self.assertEqual(len(out.splitlines()), 3)
+        self.assertNotIn("second.example", out)
+        err = await self.mtad("add-domain", "acme/main", "example.com", status=1)
+        self.assertIn("already been added", err)
+        err = await self.mtad("add-domain", "acme/nope", "x.example", status=1)
+        self.assertIn("no server", err)
+
+    async def test_verify_domain(self) -> None:
+        """verify-domain fails naming the record to publish until it is in DNS, then marks the domain
+        verified (once)."""
+        await self.setup_server()
+        added = await self.mtad("add-domain", "acme/main", "example.com")
+        err = await self.mtad("verify-domain", "example.com", status=1)
+        self.assertRegex(err, r'^mtad: error: example\.com is not verified: There is no TXT record "postal-')
+        self.publish(added, "Verification")
+        out = await self.mtad("verify-domain", "example.com")
+        self.assertIn("example.com verified", out)
+        out = await self.mtad("verify-domain", "example.com")
+        self.assertIn("already verified", out)
+        out = await self.mtad("show-domain", "example.com")
+        self.assertRegex(out, r"verified: \d{4}-\d\d-\d\d ")
+        self.assertNotIn("postal-verification", out)
+
+    async def test_check_domain(self) -> None:
+        """check-domain reports OK for records published as printed, and Missing/Invalid with Postal's
+        reasons when they are not; show-domain shows the stored results."""
+        await self.setup_server()
+        added = await self.mtad("add-domain", "acme/main", "example.com")
+        out = await self.mtad("check-domain", "example.com")
+        self.assertIn("DNS not OK", out)
+        self.assertIn("SPF          Missing: No SPF record exists for this domain", out)
+        self.assertIn("not verified yet", out)
+        self.publish(added)
+        out = await self.mtad("check-domain", "example.com")
+        self.assertIn("domain example.com: DNS OK", out)
+        for label in ("SPF", "DKIM", "MX", "Return path"):
+            self.assertRegex(out, rf"\n  {label} +OK\n")
+        self.zone["example.com"]["TXT"] = [["v=spf1 a mx ~all"]]
+        del self.zone["example.com"]["MX"]
+        out = await self.mtad("check-domain", "example.com")
+        self.assertIn(
+            "SPF          Invalid: An SPF record exists but it doesn't include spf.postal.example.com", out
+        )
+        self.assertIn("MX           Missing: There are no MX records for example.com", out)
+        out = await self.mtad("show-domain", "example.com")
+        self.assertIn("SPF          Invalid", out)
+        self.assertRegex(out, r"postal-[a-z0-9]{6} +rsa +active +DNS OK")
+
+    async def test_rotate_and_activate(self) -> None:
+        """rotate-dkim prints the new record; activate-dkim refuses until it resolves (unless forced), then
+        switches signing to it and retires the old key."""
+        await self.setup_server()
+        added = await self.mtad("add-domain", "acme/main", "example.com")
+        self.publish(added)
+        old = re.search(r"selector (postal-[a-z0-9]{6})", added)
+        assert old is not None
+        out = await self.mtad("rotate-dkim", "example.com")
+        new = re.search(r"selector (postal-[a-z0-9]{6}) \(not signing yet\)", out)
+        assert new is not None
+        self.assertIn(f"Keep the record of the current key ({old.group(1)})", out)
+        err = await self.mtad("rotate-dkim", "example.com", status=1)
+        self.assertIn("waiting to be activated", err)
+        err = await self.mtad("activate-dkim", "example.com", new.group(1), status=1)
+        self.assertIn(f"not activating {new.group(1)}: No TXT records were returned", err)
+        self.publish(out)
+        out = await self.mtad("activate-dkim", "example.com", new.group(1))
+        self.assertIn(f"example.com now signs rsa with {new.group(1)}", out)
+        self.assertIn(f"{old.group(1)} retired", out)
+        out = await self.mtad("show-domain", "example.com")
+        self.assertRegex(out, rf"{old.group(1)} +rsa +retired \d{{4}}")
+        self.assertRegex(out, rf"{new.group(1)} +rsa +active")
+        self.assertNotIn(f"{old.group(1)}._domainkey", out)
+        out = await self.mtad("rotate-dkim", "example.com", "--algorithm", "ed25519")
+        ed = re.search(r"selector (postal-[a-z0-9]{6})", out)
+        assert ed is not None
+        await self.mtad("activate-dkim", "example.com", ed.group(1), "--force")
+        out = await self.mtad("show-domain", "example.com")
+        self.assertRegex(out, rf"{ed.group(1)} +ed25519 +active")
+        err = await self.mtad("activate-dkim", "example.com", "postal-nope00", status=1)
+        self.assertIn("no DKIM key with selector", err)
+
+    async def test_ambiguous_name_and_unreachable_dns(self) -> None:
+        """A name two servers added must be given by id; a DNS server that does not answer is an error
+        naming the lookup, not a verification failure."""
+        await self.setup_server()
+        await self.mtad("make-server", "acme", "Second")
+        await self.mtad("add-domain", "acme/main", "example.com")
+        await self.mtad("add-domain", "acme/second", "example.com")
+        err = await self.mtad("show-domain", "example.com", status=1)
+        self.assertIn("ambiguous (ids 1, 2); use the id", err)
+        out = await self.mtad("show-domain", "2")
+        self.assertIn("owner: acme/second", out)
+        self.zone["example.com"] = "SERVFAIL"
+        err = await self.mtad("verify-domain", "1", status=1)
+        self.assertIn("DNS lookup of TXT records for example.com failed", err)
