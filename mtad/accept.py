@@ -9,12 +9,10 @@ are durable (DESIGN invariant 1), and only then may the caller say 250 or HTTP s
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import secrets
 import string
 from collections.abc import Sequence
-from email.message import Message
+from email.header import decode_header, make_header
 
 import attrs
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -31,9 +29,6 @@ TOKEN_LENGTH = 12
 
 #: Postal's delivery details for a message held because of its server's mode.
 DEVELOPMENT_MODE_HOLD = "Server is in development mode."
-
-_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.default)
-_RAW_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
 class ServerSuspended(Exception):
@@ -87,28 +82,56 @@ def header_section(message: bytes) -> bytes:
     return message
 
 
-def _header(parsed: Message, raw: Message, name: str, last: bool = False) -> str | None:
-    """One field's value decoded; the raw value if Python's parser trips over a malformed field."""
-    try:
-        values = parsed.get_all(name)
-        value = None if not values else str(values[-1] if last else values[0])
-    except Exception:  # the modern header parser has raised on hostile input before; never fail on it
-        values = raw.get_all(name)
-        value = None if not values else str(values[-1] if last else values[0])
-    return value
+_WANTED = (b"subject", b"message-id", b"x-postal-tag")
+
+
+def _fields(section: bytes) -> dict[bytes, list[bytes]]:
+    """The values of the fields we read, unfolded (RFC 5322 §2.2.3), in order of appearance.
+
+    A scan of our own rather than the stdlib ``email`` parser: it runs on every accepted message, and
+    profiling the relay benchmark put the parser at a tenth of the daemon's CPU time.
+    """
+    found: dict[bytes, list[bytes]] = {}
+    current: list[bytes] | None = None
+    for line in section.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current[-1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        key = name.strip().lower()
+        if colon and key in _WANTED:
+            current = found.setdefault(key, [])
+            current.append(value)
+        else:
+            current = None
+    return found
+
+
+def _decode(value: bytes) -> str:
+    """A field value as Unicode: RFC 6532 UTF-8 as is, RFC 2047 encoded words decoded."""
+    text = " ".join(value.decode("utf-8", "replace").split())
+    if "=?" in text:
+        try:
+            text = str(make_header(decode_header(text)))
+        except Exception:  # a malformed encoded word: keep the text as it came
+            pass
+    return text
 
 
 def parse_headers(message: bytes) -> MessageHeaders:
     """Subject, Message-ID and tag of ``message``; malformed or missing fields give None, never an error."""
-    section = header_section(message)
-    parsed = _HEADER_PARSER.parsebytes(section)
-    raw = _RAW_HEADER_PARSER.parsebytes(section)
-    subject = _header(parsed, raw, "Subject")
-    message_id = _header(parsed, raw, "Message-ID")
-    if message_id is not None:
+    fields = _fields(header_section(message))
+    subjects = fields.get(b"subject")
+    subject = _decode(subjects[0]) if subjects else None
+    ids = fields.get(b"message-id")
+    message_id = None
+    if ids:
         # As Postal: drop everything up to the last "<" and from the next ">": "<a@b>" → "a@b".
-        message_id = message_id.rpartition("<")[2].partition(">")[0].strip()
-    tag = (_header(parsed, raw, "X-Postal-Tag", last=True) or "").strip()
+        message_id = _decode(ids[0]).rpartition("<")[2].partition(">")[0].strip()
+    tags = fields.get(b"x-postal-tag")
+    tag = _decode(tags[-1]).strip() if tags else ""
     return MessageHeaders(subject=subject, message_id=message_id or None, tag=tag or None)
 
 

@@ -209,7 +209,12 @@ class MtadService(Service):
             self._reactor,
             self._reactor,
             self._reactor,
-            ResolverConfig(nameservers=nameservers, timeout=config.dns.timeout, ipv6=config.dns.use_ipv6),
+            ResolverConfig(
+                nameservers=nameservers,
+                timeout=config.dns.timeout,
+                ipv6=config.dns.use_ipv6,
+                cache_seconds=60.0,
+            ),
         )
         delivery = config.delivery
         deliverer = Deliverer(

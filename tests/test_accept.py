@@ -73,6 +73,13 @@ class HeaderTests(SynchronousTestCase):
         headers = parse_headers("Subject: Grüße 😀\r\n\r\nbody\r\n".encode())
         self.assertEqual(headers.subject, "Grüße 😀")
 
+    def test_folded_subject_unfolded(self) -> None:
+        """A Subject folded over several lines, plain or as encoded words, reads as one line."""
+        folded = parse_headers(b"Subject: a long\r\n\tsubject line\r\nTo: x@y.test\r\n\r\nbody\r\n")
+        self.assertEqual(folded.subject, "a long subject line")
+        words = parse_headers(b"Subject: =?utf-8?Q?Gr=C3=BC=C3=9Fe?=\r\n =?utf-8?Q?_aus_K=C3=B6ln?=\r\n\r\n")
+        self.assertEqual(words.subject, "Grüße aus Köln")
+
     def test_message_id_without_angle_brackets(self) -> None:
         """Message-ID is stored without its angle brackets and surrounding space, as Postal stores it."""
         self.assertEqual(parse_headers(MESSAGE).message_id, "unique.1@example.test")

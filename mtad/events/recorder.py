@@ -29,7 +29,7 @@ from mtad.store.messages import (
     Message,
     MessageStatus,
     Scope,
-    record_delivery,
+    record_deliveries,
     record_messages,
 )
 
@@ -143,16 +143,34 @@ def parse_delivery(event: Event) -> DeliveryAttempt:
 def record_events(conn: Connection, events: Sequence[Event], now: float) -> RecordResult:
     """Apply a batch of events in the caller's transaction; applying the same batch again changes nothing.
 
-    Events are applied in stream order, so a message's queued event is written before its deliveries.
+    Events are applied in stream order, so a message's queued event is written before its deliveries;
+    consecutive events of one type are written with one statement each (executemany).
     """
     recorded = 0
     rejected: list[tuple[str, str]] = []
+    queued: list[Message] = []
+    attempts: list[DeliveryAttempt] = []
+
+    def flush() -> None:
+        if queued:
+            record_messages(conn, queued, now)
+            queued.clear()
+        if attempts:
+            record_deliveries(conn, attempts, now)
+            attempts.clear()
+
     for event in events:
         try:
             if event.type == MESSAGE_QUEUED:
-                record_messages(conn, [parse_queued(event)], now)
+                message = parse_queued(event)
+                if attempts:
+                    flush()
+                queued.append(message)
             elif event.type == MESSAGE_DELIVERY:
-                record_delivery(conn, parse_delivery(event), now)
+                attempt = parse_delivery(event)
+                if queued:
+                    flush()
+                attempts.append(attempt)
             else:
                 # Other consumers (webhooks) care about other events; the recorder skips them.
                 continue
@@ -160,6 +178,7 @@ def record_events(conn: Connection, events: Sequence[Event], now: float) -> Reco
             rejected.append((event.id, str(e)))
             continue
         recorded += 1
+    flush()
     return RecordResult(recorded=recorded, rejected=tuple(rejected))
 
 

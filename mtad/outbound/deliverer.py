@@ -280,13 +280,6 @@ class Deliverer:
         for outcome in report.outcomes:
             for rr in outcome.replies:
                 result = self._result(rr, mx_host, ip, source_ip, report.tls, start)
-                if result.status == "Sent":
-                    self.log.info(
-                        "delivered {message_id} to {mx} from {source_ip}",
-                        message_id=outcome.message.id,
-                        mx=mx_host,
-                        source_ip=source_ip,
-                    )
                 out.append(RecipientResult(outcome.message, rr.recipient, result))
         return out
 

@@ -46,6 +46,9 @@ class ResolverConfig:
     timeout: float = 5.0
     attempts: int = 2
     ipv6: bool = False
+    #: Seconds an answer (hosts, or a permanent failure) is reused; 0 asks every time. Temporary
+    #: failures are never cached.
+    cache_seconds: float = 0.0
 
 
 @attrs.frozen
@@ -82,6 +85,8 @@ class DNSTemporaryError(Exception):
 
 class _UDPQuery(DatagramProtocol):
     """One query over one ephemeral UDP port; fires with the first matching response."""
+
+    noisy = False  # one per query: "starting on port" lines would be most of the log
 
     def __init__(self, query: dns.message.Message, server: tuple[str, int]) -> None:
         self.query = query
@@ -155,6 +160,8 @@ class MXResolver:
         self._clock = clock
         self._config = config
         self._rng = rng if rng is not None else random.Random()
+        self._cache: dict[str, tuple[float, MXResult]] = {}
+        self._pending: dict[str, list[Deferred[MXResult]]] = {}
 
     def _with_timeout(self, d: Deferred[dns.message.Message], what: str) -> Deferred[dns.message.Message]:
         call: IDelayedCall = self._clock.callLater(self._config.timeout, d.cancel)
@@ -242,8 +249,46 @@ class MXResolver:
         return sorted(shuffled, key=lambda r: r[0])  # sort is stable: equal preferences stay shuffled
 
     async def resolve(self, domain: str) -> MXResult:
-        """Resolve ``domain`` to mail exchangers with addresses, or to a soft/hard failure."""
+        """Resolve ``domain`` to mail exchangers with addresses, or to a soft/hard failure.
+
+        With ``cache_seconds``, answers are reused for that long (equal-preference hosts reshuffled on
+        each use), and concurrent lookups of one domain share one set of queries: a burst of batches for
+        one destination asks DNS once, not once per batch.
+        """
         domain = domain.rstrip(".").lower()
+        if not self._config.cache_seconds:
+            return await self._resolve(domain)
+        now = self._clock.seconds()
+        cached = self._cache.get(domain)
+        if cached is not None and cached[0] > now:
+            result = cached[1]
+            return attrs.evolve(result, hosts=self._reorder(result.hosts)) if result.hosts else result
+        waiting = self._pending.get(domain)
+        if waiting is not None:
+            d: Deferred[MXResult] = Deferred()
+            waiting.append(d)
+            return await d
+        self._pending[domain] = []
+        try:
+            result = await self._resolve(domain)
+        except BaseException as e:
+            for d in self._pending.pop(domain):
+                d.errback(e)
+            raise
+        if result.failure is None or result.failure.kind == "hard":
+            if len(self._cache) >= 10_000:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache[domain] = (self._clock.seconds() + self._config.cache_seconds, result)
+        for d in self._pending.pop(domain):
+            d.callback(result)
+        return result
+
+    def _reorder(self, hosts: tuple[MXHost, ...]) -> tuple[MXHost, ...]:
+        shuffled = list(hosts)
+        self._rng.shuffle(shuffled)
+        return tuple(sorted(shuffled, key=lambda h: h.preference))
+
+    async def _resolve(self, domain: str) -> MXResult:
         try:
             response = await self.query(domain, dns.rdatatype.MX)
         except DNSTemporaryError as e:

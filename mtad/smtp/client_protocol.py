@@ -10,9 +10,9 @@ from typing import Any
 
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,6 +35,18 @@ def opportunistic_tls_options() -> ssl.CertificateOptions:
     to plain text, which is worse. MTA-STS/DANE would be where verification starts.
     """
     return ssl.CertificateOptions(verify=False)
+
+
+class _OneConnection(ClientFactory):
+    """``connectProtocol`` without its factory's two log lines per connection (a busy MTA makes many)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self._protocol
 
 
 class SMTPClientProtocol(Protocol):
@@ -128,7 +140,7 @@ async def run_session(
         endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
     protocol = SMTPClientProtocol(machine, clock, tls_options)
     try:
-        await connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
+        await endpoint.connect(_OneConnection(protocol))
     except Exception as e:
         raise ConnectFailed(str(e) or e.__class__.__name__) from e
     return await protocol.done

@@ -127,12 +127,6 @@ class SMTPServerProtocol(Protocol):
         self.machine = SMTPServerMachine(
             self.server_factory.settings, connection, self.server_factory.clock.seconds
         )
-        self.log.debug(
-            "smtp session {session_id} from {client_ip} on {listener}",
-            session_id=connection.session_id,
-            client_ip=connection.client_ip,
-            listener=self.server_factory.settings.listener,
-        )
         self._apply(self.machine.connection_made())
 
     def dataReceived(self, data: bytes) -> None:

@@ -8,6 +8,7 @@ the event that reported it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -125,11 +126,19 @@ def record_messages(conn: Connection, new_messages: list[Message], now: float) -
 
 
 def record_delivery(conn: Connection, attempt: DeliveryAttempt, now: float) -> None:
-    """Insert a delivery attempt (once per event) and bring its message's status up to date.
+    """Record one delivery attempt; see `record_deliveries`."""
+    record_deliveries(conn, [attempt], now)
 
-    The message is updated only if this attempt is not older than the last one recorded, so a replayed old
-    event cannot turn a Sent message back into SoftFail.
+
+def record_deliveries(conn: Connection, attempts: Sequence[DeliveryAttempt], now: float) -> None:
+    """Insert delivery attempts (once per event) and bring their messages' status up to date.
+
+    A message is updated only if the attempt is not older than the last one recorded, so a replayed old
+    event cannot turn a Sent message back into SoftFail. Both statements run once for the whole batch
+    (executemany, in order): the recorder's SQL time per event is what bounds its throughput.
     """
+    if not attempts:
+        return
     insert_ignoring_duplicates(
         conn,
         deliveries,
@@ -147,26 +156,39 @@ def record_delivery(conn: Connection, attempt: DeliveryAttempt, now: float) -> N
                 "time": attempt.time,
                 "timestamp": attempt.timestamp,
             }
+            for attempt in attempts
         ],
     )
-    held = attempt.status is MessageStatus.HELD
-    conn.execute(
+    update = (
         messages.update()
         .where(
-            messages.c.id == attempt.message_id,
+            messages.c.id == sa.bindparam("b_id"),
             sa.or_(
                 messages.c.last_delivery_attempt.is_(None),
-                messages.c.last_delivery_attempt <= attempt.timestamp,
+                messages.c.last_delivery_attempt <= sa.bindparam("b_timestamp"),
             ),
         )
         .values(
-            status=attempt.status.value,
-            held=held,
-            hold_expiry=attempt.hold_expiry if held else None,
-            last_delivery_attempt=attempt.timestamp,
+            status=sa.bindparam("b_status"),
+            held=sa.bindparam("b_held"),
+            hold_expiry=sa.bindparam("b_hold_expiry"),
+            last_delivery_attempt=sa.bindparam("b_timestamp"),
             updated_at=now,
         )
     )
+    rows = []
+    for attempt in attempts:
+        held = attempt.status is MessageStatus.HELD
+        rows.append(
+            {
+                "b_id": attempt.message_id,
+                "b_timestamp": attempt.timestamp,
+                "b_status": attempt.status.value,
+                "b_held": held,
+                "b_hold_expiry": attempt.hold_expiry if held else None,
+            }
+        )
+    conn.execute(update, rows)
 
 
 def _message_from_row(row: sa.Row[*tuple[Any, ...]]) -> Message:

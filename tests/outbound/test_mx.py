@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -165,3 +165,51 @@ class MXResolverTests(TestCase):
         result = await d
         assert result.failure is not None
         self.assertEqual(result.failure.kind, "soft")
+
+
+class MXCacheTests(TestCase):
+    """The answer cache: reuse within cache_seconds, one query for concurrent lookups, no soft failures."""
+
+    def setUp(self) -> None:
+        self.zone: dict[str, Any] = {
+            "example.com": {"MX": [[10, "mx1.example.com"]]},
+            "mx1.example.com": {"A": ["127.0.0.2"]},
+            "broken.test": "SERVFAIL",
+        }
+        self.dns: FakeDNS = start_fake_dns(reactor, self.zone)
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.dns.stop()))
+        self.clock = Clock()
+        config = ResolverConfig(nameservers=(self.dns.address,), timeout=2.0, attempts=1, cache_seconds=60)
+        self.resolver = MXResolver(reactor, reactor, self.clock, config, random.Random(1))
+
+    async def test_answer_reused_until_it_expires(self) -> None:
+        """A second lookup within cache_seconds is answered from the cache; after it, DNS is asked again."""
+        first = await self.resolver.resolve("example.com")
+        self.zone["mx1.example.com"] = {"A": ["127.0.0.9"]}
+        again = await self.resolver.resolve("Example.COM.")
+        self.assertEqual(again.hosts, first.hosts)
+        self.clock.advance(60)
+        fresh = await self.resolver.resolve("example.com")
+        self.assertEqual(fresh.hosts[0].addresses, ("127.0.0.9",))
+
+    async def test_concurrent_lookups_share_one(self) -> None:
+        """Lookups of one domain made while one is in flight get its answer."""
+        asked: list[bytes] = []
+        lookup = self.dns.resolver._lookup
+
+        def counting(name: bytes, *args: Any) -> Any:
+            asked.append(name)
+            return lookup(name, *args)
+
+        self.dns.resolver._lookup = counting
+        results = await gatherResults(
+            [Deferred.fromCoroutine(self.resolver.resolve("example.com")) for _ in range(5)]
+        )
+        self.assertEqual({r.hosts for r in results}, {results[0].hosts})
+        self.assertEqual(sorted(asked), [b"example.com", b"mx1.example.com"])
+
+    async def test_temporary_failure_not_cached(self) -> None:
+        """A SERVFAIL is asked again on the next lookup, so a fixed zone is seen at once."""
+        self.assertIsNotNone((await self.resolver.resolve("broken.test")).failure)
+        self.zone["broken.test"] = {"MX": [[10, "mx1.example.com"]]}
+        self.assertIsNone((await self.resolver.resolve("broken.test")).failure)
