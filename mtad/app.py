@@ -34,6 +34,7 @@ from twisted.web.server import Site
 from admin_api.status import StatusApp
 from mtad.accept import Acceptor
 from mtad.config import Config
+from mtad.domains.dns_check import DomainDNSChecker, domain_settings
 from mtad.events.recorder import Recorder
 from mtad.outbound.deliverer import Deliverer, DelivererConfig
 from mtad.outbound.delivery import DeliveryService, DeliverySettings
@@ -151,8 +152,19 @@ class MtadService(Service):
         recorder = Recorder(self.database, await self._stream("recorder"), self._reactor)
         recorder.startService()
         self._on_stop("recorder", recorder.stopService)
+        resolver = self._resolver()
+        if config.domains.check_enabled:
+            checker = DomainDNSChecker(
+                self.database,
+                resolver,
+                self._reactor,
+                domain_settings(config.domains),
+                poll_interval=config.domains.check_poll_interval,
+            )
+            checker.startService()
+            self._on_stop("domain DNS checks", checker.stopService)
         if config.delivery.enabled:
-            self.delivery = self._delivery_service(self.queue, self.redis)
+            self.delivery = self._delivery_service(self.queue, self.redis, resolver)
             self.delivery.startService()
             self._on_stop("delivery", self.delivery.stopService)
         listeners = await self._open_smtp_listeners(self.queue, self.database)
@@ -199,13 +211,13 @@ class MtadService(Service):
             raise StartupError(f"database: {problem}")
         return database
 
-    def _delivery_service(self, queue: RedisQueue, redis: RedisClient) -> DeliveryService:
+    def _resolver(self) -> MXResolver:
         config = self.config
         try:
             nameservers = parse_nameservers(config.dns.nameservers)
         except ValueError as e:
             raise StartupError(f"dns.nameservers: {e}") from e
-        resolver = MXResolver(
+        return MXResolver(
             self._reactor,
             self._reactor,
             self._reactor,
@@ -216,6 +228,11 @@ class MtadService(Service):
                 cache_seconds=60.0,
             ),
         )
+
+    def _delivery_service(
+        self, queue: RedisQueue, redis: RedisClient, resolver: MXResolver
+    ) -> DeliveryService:
+        config = self.config
         delivery = config.delivery
         deliverer = Deliverer(
             self._reactor,

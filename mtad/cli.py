@@ -14,13 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-import attrs
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mtad.config import Config, ConfigError, load_config
 from mtad.domains import dns_check
-from mtad.domains.dns_check import BlockingResolver, DomainSettings, run_blocking
+from mtad.domains.dns_check import BlockingResolver, domain_settings, run_blocking
 from mtad.mail.dkim_keys import ED25519, RSA
 from mtad.outbound.mx import parse_nameservers
 from mtad.store import credentials as credential_store
@@ -50,15 +49,6 @@ def database_url_from_toml(path: str | Path | None) -> str:
     return config_from_toml(path).database_url
 
 
-def domain_settings(config: Config) -> DomainSettings:
-    """The ``[domains]`` settings of ``config``, or Postal's defaults while the config has no such section."""
-    section = getattr(config, "domains", None)
-    if section is None:
-        return DomainSettings()
-    names = [field.name for field in attrs.fields(DomainSettings)]
-    return DomainSettings(**{name: getattr(section, name) for name in names if hasattr(section, name)})
-
-
 def _sqlite_path(url: str) -> Path | None:
     parsed = sa.make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
@@ -72,7 +62,7 @@ class _Commands:
         self.url = config.database_url
         self.out = out
         self._engine: Engine | None = None
-        self.domain_settings = domain_settings(config)
+        self.domain_settings = domain_settings(config.domains)
 
     @property
     def engine(self) -> Engine:

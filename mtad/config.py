@@ -44,6 +44,10 @@ def _not_negative(value: Any) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def _at_least_1024(value: Any) -> str | None:
+    return None if value >= 1024 else "must be at least 1024"
+
+
 def _check(validator: Callable[[Any], str | None]) -> dict[str, Any]:
     return {"check": validator}
 
@@ -158,6 +162,31 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class DomainsConfig:
+    """What sending domains publish and how they are checked; Postal's ``dns.*`` names by default."""
+
+    #: SPF records must ``include:`` this name.
+    spf_include: str = "spf.postal.example.com"
+    #: Return-path CNAMEs (``<return_path_prefix>.<domain>``) point here.
+    return_path_domain: str = "rp.postal.example.com"
+    return_path_prefix: str = "psrp"
+    #: MX hosts published for inbound mail to a domain, with this preference.
+    mx_records: tuple[str, ...] = ("mx1.postal.example.com", "mx2.postal.example.com")
+    mx_priority: int = attrs.field(default=10, metadata=_check(_not_negative))
+    #: The verification TXT record is ``<verification_prefix> <token>``.
+    verification_prefix: str = "postal-verification"
+    #: DKIM selectors are ``<selector_prefix>-xxxxxx``.
+    selector_prefix: str = "postal"
+    #: Size of new RSA DKIM keys (RFC 8301: at least 1024, 2048 recommended).
+    rsa_bits: int = attrs.field(default=2048, metadata=_check(_at_least_1024))
+    #: Run the periodic DNS check in this process (one process per installation is enough).
+    check_enabled: bool = True
+    #: Seconds between DNS checks of each domain, and between looks for domains due a check.
+    check_interval: float = attrs.field(default=3600.0, metadata=_check(_positive))
+    check_poll_interval: float = attrs.field(default=300.0, metadata=_check(_positive))
+
+
+@attrs.frozen
 class SourceAddressConfig:
     #: Local address outbound connections bind to.
     ip: str
@@ -180,6 +209,7 @@ class Config:
     http: HTTPConfig = HTTPConfig()
     dns: DNSConfig = DNSConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    domains: DomainsConfig = DomainsConfig()
     #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
     #: source address and ``general.hostname`` as HELO name.
     ip_pools: tuple[IPPoolConfig, ...] = ()

@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mtad.config import DomainsConfig
 from mtad.mail.dkim_keys import dkim_record_problem, dkim_txt_value, txt_strings
 from mtad.outbound.mx import DNSTemporaryError
 from mtad.store import domains as domain_store
@@ -491,3 +492,9 @@ class DomainDNSChecker(Service):
             if automatic and self._on_dns_error is not None:
                 self._on_dns_error(stored)
         return stored
+
+
+def domain_settings(config: DomainsConfig) -> DomainSettings:
+    """The ``[domains]`` section as the domain code takes it."""
+    names = [field.name for field in attrs.fields(DomainSettings)]
+    return DomainSettings(**{name: getattr(config, name) for name in names})
