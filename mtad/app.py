@@ -29,8 +29,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
+from admin_api.legacy_api import LegacyAPI
+from admin_api.site import make_site
 from admin_api.status import StatusApp
 from mtad.accept import Acceptor
 from mtad.config import Config
@@ -51,7 +52,9 @@ from mtad.smtp.relay_policy import RelayPolicy
 from mtad.smtp.server_protocol import SMTPServerFactory
 from mtad.status import ListenerStatus, StatusReporter
 from mtad.store.db import Database
+from mtad.store.domains import find_sending_domain
 from mtad.store.migrate import schema_problem, upgrade_schema
+from mtad.store.servers import Server
 from mtad.tls import ensure_self_signed, server_context
 
 #: Seconds open SMTP sessions may take to finish after the listeners close on shutdown.
@@ -167,8 +170,11 @@ class MtadService(Service):
             self.delivery = self._delivery_service(self.queue, self.redis, resolver)
             self.delivery.startService()
             self._on_stop("delivery", self.delivery.stopService)
-        listeners = await self._open_smtp_listeners(self.queue, self.database)
-        await self._open_http_listeners(self.queue, self.database, listeners)
+        acceptor = Acceptor(
+            self.queue, self._reactor, default_pool=config.delivery.default_pool, timeout=config.redis.timeout
+        )
+        listeners = await self._open_smtp_listeners(acceptor, self.database)
+        await self._open_http_listeners(acceptor, self.queue, self.database, listeners)
         self.log.info(
             "mtad ready: {listeners} listening, delivery {delivery}",
             listeners=", ".join(self.ports),
@@ -279,7 +285,7 @@ class MtadService(Service):
         self.ports[name] = port
         self._on_stop(f"listener {name}", port.stopListening)
 
-    async def _open_smtp_listeners(self, queue: RedisQueue, database: Database) -> list[ListenerStatus]:
+    async def _open_smtp_listeners(self, acceptor: Acceptor, database: Database) -> list[ListenerStatus]:
         config = self.config
         smtp = config.smtp
         if smtp.tls_certificate:
@@ -290,9 +296,6 @@ class MtadService(Service):
             tls = server_context(cert, key)
         except (OSError, ValueError) as e:
             raise StartupError(f"smtp.tls_certificate: cannot load {cert} / {key}: {e}") from e
-        acceptor = Acceptor(
-            queue, self._reactor, default_pool=config.delivery.default_pool, timeout=config.redis.timeout
-        )
         # RFC 4954 §6: "530 authentication required" only where AUTH can be offered at all.
         without_auth = tuple(
             listener.name or listener.endpoint
@@ -354,11 +357,12 @@ class MtadService(Service):
             factory.close_sessions(even_busy=True)
 
     async def _open_http_listeners(
-        self, queue: RedisQueue, database: Database, smtp_listeners: list[ListenerStatus]
+        self, acceptor: Acceptor, queue: RedisQueue, database: Database, smtp_listeners: list[ListenerStatus]
     ) -> None:
+        config = self.config
         http_statuses = [
             ListenerStatus(name=endpoint, kind="http", endpoint=endpoint, tls="none")
-            for endpoint in self.config.http.listeners
+            for endpoint in config.http.listeners
         ]
 
         async def ping() -> None:
@@ -371,8 +375,24 @@ class MtadService(Service):
             [*smtp_listeners, *http_statuses],
             embedded_redis=self.embedded_redis is not None,
         )
-        site = Site(StatusApp(reporter).app.resource())  # type: ignore[no-untyped-call]
-        for endpoint in self.config.http.listeners:
+
+        async def may_send_from(server: Server, domain: str) -> bool:
+            found = await database.run(find_sending_domain, server.id, server.organization_id, domain)
+            return found is not None
+
+        legacy = LegacyAPI(
+            self._reactor,
+            database,
+            acceptor,
+            queue,
+            sending_domain_check=may_send_from,
+            max_message_size=config.smtp.max_message_size,
+            hostname=config.general.hostname,
+        )
+        site = make_site(
+            [(b"/status", StatusApp(reporter).app.resource()), (b"/api/v1/", legacy.app.resource())]
+        )
+        for endpoint in config.http.listeners:
             await self._listen(f"http {endpoint}", endpoint, site)
 
     # -- stop ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
 
+from mtad.caching import ExpiringCache, SharedLookups
+
 
 @attrs.frozen
 class ResolverConfig:
@@ -160,8 +162,8 @@ class MXResolver:
         self._clock = clock
         self._config = config
         self._rng = rng if rng is not None else random.Random()
-        self._cache: dict[str, tuple[float, MXResult]] = {}
-        self._pending: dict[str, list[Deferred[MXResult]]] = {}
+        self._cache: ExpiringCache[str, MXResult] = ExpiringCache(clock, config.cache_seconds)
+        self._lookups: SharedLookups[str, MXResult] = SharedLookups()
 
     def _with_timeout(self, d: Deferred[dns.message.Message], what: str) -> Deferred[dns.message.Message]:
         call: IDelayedCall = self._clock.callLater(self._config.timeout, d.cancel)
@@ -258,29 +260,15 @@ class MXResolver:
         domain = domain.rstrip(".").lower()
         if not self._config.cache_seconds:
             return await self._resolve(domain)
-        now = self._clock.seconds()
         cached = self._cache.get(domain)
-        if cached is not None and cached[0] > now:
-            result = cached[1]
-            return attrs.evolve(result, hosts=self._reorder(result.hosts)) if result.hosts else result
-        waiting = self._pending.get(domain)
-        if waiting is not None:
-            d: Deferred[MXResult] = Deferred()
-            waiting.append(d)
-            return await d
-        self._pending[domain] = []
-        try:
-            result = await self._resolve(domain)
-        except BaseException as e:
-            for d in self._pending.pop(domain):
-                d.errback(e)
-            raise
+        if cached is not None:
+            return attrs.evolve(cached, hosts=self._reorder(cached.hosts)) if cached.hosts else cached
+        return await self._lookups.run(domain, lambda: self._resolve_and_cache(domain))
+
+    async def _resolve_and_cache(self, domain: str) -> MXResult:
+        result = await self._resolve(domain)
         if result.failure is None or result.failure.kind == "hard":
-            if len(self._cache) >= 10_000:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-            self._cache[domain] = (self._clock.seconds() + self._config.cache_seconds, result)
-        for d in self._pending.pop(domain):
-            d.callback(result)
+            self._cache.put(domain, result)
         return result
 
     def _reorder(self, hosts: tuple[MXHost, ...]) -> tuple[MXHost, ...]:

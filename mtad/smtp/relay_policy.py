@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Concatenate, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred, succeed
@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtad.accept import Acceptor, ServerSuspended
+from mtad.caching import ExpiringCache
 from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo, SMTPPolicy
 from mtad.smtp.reply import Reply
@@ -38,8 +39,6 @@ from mtad.store.db import Database
 from mtad.store.messages import Scope
 from mtad.store.servers import Server, find_server
 
-K = TypeVar("K")
-V = TypeVar("V")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -67,38 +66,6 @@ _MAX_IDS_TEXT = 400
 
 class DatabaseTimeout(Exception):
     """A unit of work did not finish within the policy's ``timeout``."""
-
-
-class _ExpiringCache(Generic[K, V]):
-    """Values that expire ``seconds`` after they were stored, by the injected clock; at most ``size``."""
-
-    def __init__(self, clock: IReactorTime, seconds: float, size: int = 10_000) -> None:
-        self._clock = clock
-        self._seconds = seconds
-        self._size = size
-        self._entries: dict[K, tuple[float, V]] = {}
-
-    def get(self, key: K) -> V | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= self._clock.seconds():
-            del self._entries[key]
-            return None
-        return entry[1]
-
-    def put(self, key: K, value: V) -> None:
-        now = self._clock.seconds()
-        if key not in self._entries and len(self._entries) >= self._size:
-            for stale in [k for k, (expires, _) in self._entries.items() if expires <= now]:
-                del self._entries[stale]
-            if len(self._entries) >= self._size:
-                del self._entries[next(iter(self._entries))]  # the oldest insertion
-        self._entries.pop(key, None)
-        self._entries[key] = (now + self._seconds, value)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -146,8 +113,8 @@ class RelayPolicy:
         self.cache_seconds = cache_seconds
         self.timeout = timeout
         self.listeners_without_auth = frozenset(listeners_without_auth)
-        self._credentials: _ExpiringCache[int, Credential] = _ExpiringCache(clock, cache_seconds)
-        self._servers: _ExpiringCache[int, Server] = _ExpiringCache(clock, cache_seconds)
+        self._credentials: ExpiringCache[int, Credential] = ExpiringCache(clock, cache_seconds)
+        self._servers: ExpiringCache[int, Server] = ExpiringCache(clock, cache_seconds)
         self._ip_credentials: list[tuple[IPNetwork, Credential]] = []
         self._ip_credentials_expire = float("-inf")
         #: When each SMTP-IP credential's last use was last written (bounded by the number of them).

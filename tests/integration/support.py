@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from mtad.app import MtadService
 from mtad.config import parse_config
-from mtad.store import credentials, organizations, servers
+from mtad.store import credentials, domains, organizations, servers
 from mtad.store.db import make_engine
 from mtad.store.migrate import upgrade_schema
 from tools.fakedns import FakeDNS, start_fake_dns
@@ -149,11 +149,15 @@ class Installation:
                 created = credentials.create_credential(
                     conn, server.id, credentials.CredentialType.SMTP, now, name="app"
                 )
+                api = credentials.create_credential(conn, server.id, credentials.CredentialType.API, now)
+                domain = domains.create_domain(conn, "sender.test", now, server_id=server.id, rsa_bits=1024)
+                domains.verify_domain(conn, domain.id, now)
         finally:
             engine.dispose()
         self.server_id = server.id
-        assert created.secret is not None
+        assert created.secret is not None and api.secret is not None
         self.password = created.secret
+        self.api_key = api.secret
 
     def query(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a store function against the database from the test (outside mtad)."""

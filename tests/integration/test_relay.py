@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, ClassVar
 
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
 
 from mtad.store.messages import MessageStatus, find_message, list_deliveries, list_messages
 from tests.integration.support import Harness, message, until
@@ -135,6 +137,48 @@ class RelayTests(unittest.TestCase):
         self.assertTrue(report["database"]["reachable"])
         self.assertEqual(report["queue"]["due_now"], 0)
         self.assertEqual({listener["kind"] for listener in report["listeners"]}, {"smtp", "http"})
+
+    async def test_send_api_message_is_delivered(self) -> None:
+        """POST /api/v1/send/message with an API key from a verified domain: delivered and recorded."""
+        h = self.harness()
+        await h.start()
+        params = {
+            "to": ["alice@example.com"],
+            "from": "App <app@sender.test>",
+            "subject": "Über API 🎉",
+            "plain_body": "Hello from the API.",
+        }
+        response = await Agent(h.reactor).request(
+            b"POST",
+            f"http://127.0.0.1:{h.port('http')}/api/v1/send/message".encode(),
+            Headers({"X-Server-API-Key": [h.installation.api_key], "Content-Type": ["application/json"]}),
+            FileBodyProducer(io.BytesIO(json.dumps(params).encode())),
+        )
+        self.assertEqual(response.code, 200)
+        answer = json.loads(await readBody(response))
+        self.assertEqual(answer["status"], "success", answer)
+        message_id = answer["data"]["messages"]["alice@example.com"]["id"]
+        (delivered,) = await h.sink.wait_for_messages(1)
+        self.assertEqual(delivered.recipients, ("alice@example.com",))
+        self.assertIn(b"with HTTP", delivered.data)
+        await until(h.reactor, lambda: self.statuses(h) == [MessageStatus.SENT])
+        row = h.installation.query(find_message, message_id)
+        self.assertEqual(row.subject, "Über API 🎉")
+
+    async def test_send_api_refuses_unknown_key(self) -> None:
+        """An unknown X-Server-API-Key gets Postal's InvalidServerAPIKey error and queues nothing."""
+        h = self.harness()
+        service = await h.start()
+        response = await Agent(h.reactor).request(
+            b"POST",
+            f"http://127.0.0.1:{h.port('http')}/api/v1/send/message".encode(),
+            Headers({"X-Server-API-Key": ["nope"], "Content-Type": ["application/json"]}),
+            FileBodyProducer(io.BytesIO(b'{"to": ["a@example.com"]}')),
+        )
+        answer = json.loads(await readBody(response))
+        self.assertEqual((answer["status"], answer["data"]["code"]), ("error", "InvalidServerAPIKey"))
+        assert service.queue is not None
+        self.assertEqual((await service.queue.stats(h.reactor.seconds())).due_now, 0)
 
     async def test_redis_restart_gives_451_then_recovers(self) -> None:
         """While Redis is down DATA gets 451 4.3.0 (never 250); after it is back, mail flows again."""

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtad.accept import AcceptedMessage, Acceptor
+from mtad.caching import ExpiringCache
 from mtad.queue.client import RedisClient
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo
@@ -21,7 +22,6 @@ from mtad.smtp.relay_policy import (
     SERVER_SUSPENDED,
     DatabaseTimeout,
     RelayPolicy,
-    _ExpiringCache,
     queued_reply,
 )
 from mtad.smtp.reply import Reply
@@ -399,7 +399,7 @@ class ReplyAndCacheTests(SynchronousTestCase):
     def test_expiring_cache(self) -> None:
         """Entries expire after ``seconds`` on the clock; the cache never holds more than ``size``."""
         clock = Clock()
-        cache: _ExpiringCache[int, str] = _ExpiringCache(clock, 10.0, size=3)
+        cache: ExpiringCache[int, str] = ExpiringCache(clock, 10.0, size=3)
         cache.put(1, "a")
         clock.advance(9.9)
         self.assertEqual(cache.get(1), "a")

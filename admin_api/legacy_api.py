@@ -1,0 +1,722 @@
+"""``/api/v1``: Postal's legacy HTTP API (send/message, send/raw, messages/message, messages/deliveries).
+
+The wire format is Postal's (``app/controllers/legacy_api/*.rb`` at 3.3.6), so Postal's clients work
+unchanged: GET, POST, PUT and PATCH alike; parameters as a JSON body or a ``params`` field holding JSON;
+the server named by the ``X-Server-API-Key`` header; and always HTTP 200 with the envelope
+``{"status": "success" | "error" | "parameter-error", "time": seconds, "flags": {}, "data": {...}}``.
+
+Sending is built for throughput: once the caches are warm, a send does no SQL at all and exactly one
+Redis call, the `Acceptor`'s, which stores the body once and one message per recipient; success is only
+answered after that call returns, so success means durable (DESIGN invariant 1). Credentials (with their
+server) and the answers of the sending-domain check are cached for ``cache_seconds`` by the clock, and
+concurrent requests that miss the cache share one lookup; a revoked key, a suspended server or a newly
+verified domain take effect within ``cache_seconds``. Recording a credential's last use is a write, so it
+runs beside the request (at most once per ``cache_seconds``), never in its way.
+
+Where we differ from Postal, on purpose:
+
+- ``id`` may be a string of digits (Postal answers HTTP 500); a message still only in the queue (not yet
+  recorded in SQL) is found too.
+- Addresses, custom field names and base64 are checked, and malformed ones are a ``parameter-error``
+  naming the parameter (Postal queued messages that could never be delivered, or decoded garbage).
+- A recipient given twice gets one message. ``bounce: true`` sends with the null reverse-path ``<>``
+  (RFC 5321 §4.5.5), which is what Postal does at delivery time.
+- Failures Postal never had to report: ``QueueUnavailable`` and ``QueueFull`` (nothing was stored: try
+  again later), ``TemporaryFailure`` (the database or domain check did not answer), ``MessageTooLarge``,
+  and ``InternalError``. All are ``status: "error"``; none is ever answered for a stored message.
+- The bodies, attachments, headers and raw message of ``messages/message`` are available while the message
+  is in the queue; once delivered they are null, since raw messages are not kept yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import email.utils
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from email.message import EmailMessage
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import parse_qs
+
+import attrs
+from klein import Klein
+from sqlalchemy.engine import Connection
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from admin_api import params as p
+from admin_api.params import ParameterError
+from mtad.accept import Acceptor, ServerSuspended, header_section, parse_headers
+from mtad.caching import ExpiringCache, SharedLookups
+from mtad.mail.compose import (
+    Attachment,
+    Draft,
+    Mailbox,
+    compose,
+    domain_of,
+    new_message_id,
+    received_value,
+)
+from mtad.queue.model import QueueFull, RedisUnavailable
+from mtad.queue.redis_queue import RedisQueue
+from mtad.smtp.relay_policy import CREDENTIAL_HOLD
+from mtad.store.credentials import (
+    Credential,
+    CredentialType,
+    find_credential_by_key,
+    hash_secret,
+    touch_credential,
+)
+from mtad.store.db import Database
+from mtad.store.messages import Delivery, Message, MessageStatus, Scope, find_message, list_deliveries
+from mtad.store.servers import Server, find_server
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Postal routes every legacy API path for these four methods.
+METHODS = ["GET", "POST", "PUT", "PATCH"]
+
+#: Postal's limit per address list (To, Cc and Bcc each).
+MAX_ADDRESSES = 50
+
+#: Postal's texts for the errors of ``send/message`` (``LegacyAPI::SendController::ERROR_MESSAGES``).
+SEND_ERRORS = {
+    "NoRecipients": "There are no recipients defined to receive this message",
+    "NoContent": "There is no content defined for this e-mail",
+    "TooManyToAddresses": "The maximum number of To addresses has been reached (maximum 50)",
+    "TooManyCCAddresses": "The maximum number of CC addresses has been reached (maximum 50)",
+    "TooManyBCCAddresses": "The maximum number of BCC addresses has been reached (maximum 50)",
+    "FromAddressMissing": "The From address is missing and is required",
+    "UnauthenticatedFromAddress": "The From address is not authorised to send mail from this server",
+    "AttachmentMissingName": "An attachment is missing a name",
+    "AttachmentMissingData": "An attachment is missing data",
+}
+
+#: Expansions that need the message itself, not just its history row.
+RAW_EXPANSIONS = frozenset({"plain_body", "html_body", "attachments", "headers", "raw_message"})
+
+#: How long an unknown API key is remembered as unknown: long enough to spare the database a client
+#: retrying a wrong key in a loop, short enough that a key just created works almost at once.
+UNKNOWN_KEY_SECONDS = 5.0
+
+#: A request body may be this many times the largest message (plus 1 MiB): base64 makes a message a third
+#: larger, and JSON escaping of non-ASCII text can make it larger still.
+REQUEST_SIZE_FACTOR = 2
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.default)
+_RAW_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+_PARSER = email.parser.BytesParser(policy=email.policy.default)
+
+
+class APIError(Exception):
+    """An ``error`` envelope: Postal's ``code`` plus ``message`` and any other data."""
+
+    def __init__(self, code: str, message: str | None = None, **data: Any) -> None:
+        super().__init__(code)
+        self.code = code
+        self.data = {**({"message": message} if message is not None else {}), **data}
+
+
+def send_error(code: str) -> APIError:
+    return APIError(code, SEND_ERRORS[code])
+
+
+def temporary_failure(what: str) -> APIError:
+    return APIError("TemporaryFailure", f"{what} did not answer; nothing was done, try again later")
+
+
+@attrs.frozen
+class Caller:
+    """Who is asking: the API credential, its server, and the client's address."""
+
+    credential: Credential
+    server: Server
+    client_ip: str
+
+
+def find_api_credential(conn: Connection, key: str) -> tuple[Credential, Server] | None:
+    """The API credential whose key is ``key`` and its server, read in one transaction; None if unknown."""
+    credential = find_credential_by_key(conn, CredentialType.API, key)
+    if credential is None:
+        return None
+    server = find_server(conn, credential.server_id)
+    return None if server is None else (credential, server)
+
+
+def find_deliveries(conn: Connection, server_id: int, message_id: int) -> list[Delivery] | None:
+    """The delivery attempts of one of the server's messages; None if the server has no such message."""
+    message = find_message(conn, message_id)
+    if message is None or message.server_id != server_id:
+        return None
+    return list_deliveries(conn, message_id)
+
+
+def ruby_base64(data: bytes) -> str:
+    """Base64 as Ruby's ``Base64.encode64`` writes it (Postal's API): 60-character lines, each ending in
+    a newline."""
+    text = base64.b64encode(data).decode("ascii")
+    return "".join(text[i : i + 60] + "\n" for i in range(0, len(text), 60))
+
+
+def header_addresses(message: bytes, name: str) -> list[str]:
+    """The addresses in every ``name`` field of ``message`` (empty if there is none)."""
+    section = header_section(message)
+    try:
+        parsed = _HEADER_PARSER.parsebytes(section)
+        return [a.addr_spec for value in parsed.get_all(name) or [] for a in value.addresses]
+    except Exception:  # the modern parser has raised on hostile input; fall back to the lenient one
+        raw = _RAW_HEADER_PARSER.parsebytes(section)
+        return [address for _, address in email.utils.getaddresses(raw.get_all(name) or [])]
+
+
+def _body_text(message: EmailMessage, subtype: str) -> str | None:
+    try:
+        part = message.get_body(preferencelist=(subtype,))
+        if part is None or part.get_content_type() != f"text/{subtype}":
+            return None
+        content = part.get_content()
+    except Exception:
+        return None
+    # Lines end in CRLF on the wire; JSON clients expect text with plain newlines.
+    return content.replace("\r\n", "\n") if isinstance(content, str) else None
+
+
+def _attachments(message: EmailMessage) -> list[dict[str, Any]]:
+    found = []
+    for part in message.walk():
+        if part.is_multipart() or (part.get_filename() is None and not part.is_attachment()):
+            continue
+        try:
+            data = part.get_payload(decode=True)
+        except Exception:
+            continue
+        data = data if isinstance(data, bytes) else b""
+        found.append(
+            {
+                "filename": str(part.get_filename() or ""),
+                "content_type": part.get_content_type(),
+                "data": ruby_base64(data),
+                "size": len(data),
+                "hash": hashlib.sha1(data).hexdigest(),
+            }
+        )
+    return found
+
+
+def _headers(raw: bytes) -> dict[str, list[str]]:
+    """Every field by lower-case name, values decoded, in order (Postal's ``message.headers``)."""
+    headers: dict[str, list[str]] = {}
+    for name, value in _HEADER_PARSER.parsebytes(header_section(raw)).raw_items():
+        try:
+            text = str(email.policy.default.header_fetch_parse(name, value))
+        except Exception:  # a field the modern parser cannot decode: its raw value, unfolded
+            text = " ".join(value.split())
+        headers.setdefault(name.lower(), []).append(text)
+    return headers
+
+
+def raw_expansions(raw: bytes | None, wanted: frozenset[str]) -> dict[str, Any]:
+    """The expansions read from the message itself; all null when the message is not available."""
+    data: dict[str, Any] = {}
+    parsed: EmailMessage | None = None
+    if raw is not None:
+        try:
+            parsed = _PARSER.parsebytes(raw)
+        except Exception:
+            parsed = None
+    if "plain_body" in wanted:
+        data["plain_body"] = None if parsed is None else _body_text(parsed, "plain")
+    if "html_body" in wanted:
+        data["html_body"] = None if parsed is None else _body_text(parsed, "html")
+    if "attachments" in wanted:
+        data["attachments"] = None if parsed is None else _attachments(parsed)
+    if "headers" in wanted:
+        data["headers"] = None if raw is None else _headers(raw)
+    if "raw_message" in wanted:
+        data["raw_message"] = None if raw is None else ruby_base64(raw)
+    return data
+
+
+def message_data(message: Message, wanted: frozenset[str], raw: bytes | None) -> dict[str, Any]:
+    """``messages/message``'s answer, keys as Postal's ``MessagesController#message`` writes them."""
+    data: dict[str, Any] = {"id": message.id, "token": message.token}
+    if "status" in wanted:
+        data["status"] = {
+            "status": message.status.value,
+            "last_delivery_attempt": message.last_delivery_attempt,
+            "held": message.held,
+            "hold_expiry": message.hold_expiry,
+        }
+    if "details" in wanted:
+        data["details"] = {
+            "rcpt_to": message.rcpt_to,
+            "mail_from": message.mail_from,
+            "subject": message.subject,
+            "message_id": message.message_id,
+            "timestamp": message.timestamp,
+            "direction": message.scope.value,
+            # A string, as Postal's varchar column gives it.
+            "size": str(message.size),
+            # mtad does not record these yet; Postal's defaults for an ordinary message.
+            "bounce": False,
+            "bounce_for_id": 0,
+            "tag": message.tag,
+            "received_with_ssl": None,
+        }
+    if "inspection" in wanted:
+        # No spam or threat inspection yet: Postal's values for an uninspected message.
+        data["inspection"] = {
+            "inspected": False,
+            "spam": False,
+            "spam_score": 0.0,
+            "threat": False,
+            "threat_details": None,
+        }
+    data.update(raw_expansions(raw, wanted & RAW_EXPANSIONS))
+    if "activity_entries" in wanted:
+        # Open and click tracking are not there yet.
+        data["activity_entries"] = {"loads": [], "clicks": []}
+    return data
+
+
+def delivery_data(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "status": delivery.status.value,
+        "details": delivery.details,
+        "output": delivery.output.strip() if delivery.output is not None else None,
+        "sent_with_ssl": delivery.sent_with_ssl,
+        "log_id": delivery.log_id,
+        "time": delivery.time,
+        "timestamp": delivery.timestamp,
+    }
+
+
+def queued_message(id: int, fields: Mapping[str, str], body: bytes) -> Message:
+    """A message from its queue entry, for one accepted but not yet recorded in SQL (status Pending, or
+    Held when it waits in the held set)."""
+    held = fields.get("state") == "held"
+    try:
+        scope = Scope(fields.get("scope", ""))
+    except ValueError:
+        scope = Scope.OUTGOING
+    return Message(
+        id=id,
+        token=fields.get("token", ""),
+        server_id=int(fields.get("server_id", "0")),
+        scope=scope,
+        rcpt_to=fields.get("rcpt_to", ""),
+        mail_from=fields.get("mail_from", ""),
+        subject=parse_headers(body).subject,
+        message_id=fields.get("message_id"),
+        size=len(body),
+        status=MessageStatus.HELD if held else MessageStatus.PENDING,
+        held=held,
+        hold_expiry=None,
+        last_delivery_attempt=None,
+        tag=fields.get("tag"),
+        timestamp=float(fields.get("created_at", "0")),
+    )
+
+
+def _client_ip(request: IRequest) -> str:
+    address = request.getClientAddress()  # type: ignore[no-untyped-call]
+    if isinstance(address, IPv4Address | IPv6Address):
+        return str(address.host)
+    return "127.0.0.1"
+
+
+def _never(server: Server) -> bool:
+    return False
+
+
+class LegacyAPI:
+    """The ``/api/v1`` Klein app; serve ``LegacyAPI(...).app.resource()`` in the daemon's Site.
+
+    ``sending_domain_check(server, domain)`` says whether ``server`` may send as ``domain`` (a verified
+    domain of the server or its organization, or a use-for-any domain); the daemon gives one backed by
+    ``mtad.store.domains.find_sending_domain``. ``sender_allowed(server)`` says whether the Sender address
+    may authenticate a message when From does not (Postal's per-server ``allow_sender``; never, until
+    servers have that setting). Every database call and domain check is bounded by ``timeout`` seconds.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        database: Database,
+        acceptor: Acceptor,
+        queue: RedisQueue,
+        *,
+        sending_domain_check: Callable[[Server, str], Awaitable[bool]],
+        max_message_size: int,
+        hostname: str,
+        cache_seconds: float = 60.0,
+        timeout: float = 30.0,
+        sender_allowed: Callable[[Server], bool] = _never,
+    ) -> None:
+        self.clock = clock
+        self.database = database
+        self.acceptor = acceptor
+        self.queue = queue
+        self.sending_domain_check = sending_domain_check
+        self.max_message_size = max_message_size
+        self.max_request_size = REQUEST_SIZE_FACTOR * max_message_size + 1024 * 1024
+        self.hostname = hostname
+        self.cache_seconds = cache_seconds
+        self.timeout = timeout
+        self.sender_allowed = sender_allowed
+        self._credentials: ExpiringCache[str, tuple[Credential, Server]] = ExpiringCache(clock, cache_seconds)
+        self._unknown_keys: ExpiringCache[str, bool] = ExpiringCache(
+            clock, min(cache_seconds, UNKNOWN_KEY_SECONDS)
+        )
+        self._domains: ExpiringCache[tuple[int, str], bool] = ExpiringCache(clock, cache_seconds)
+        self._credential_lookups: SharedLookups[str, tuple[Credential, Server] | None] = SharedLookups()
+        self._domain_lookups: SharedLookups[tuple[int, str], bool] = SharedLookups()
+        #: Credentials whose last use was written less than ``cache_seconds`` ago (one write per period).
+        self._touched: ExpiringCache[int, bool] = ExpiringCache(clock, cache_seconds)
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    @app.route("/api/v1/send/message", methods=METHODS)
+    async def send_message_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.send_message)
+
+    @app.route("/api/v1/send/raw", methods=METHODS)
+    async def send_raw_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.send_raw)
+
+    @app.route("/api/v1/messages/message", methods=METHODS)
+    async def message_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.message)
+
+    @app.route("/api/v1/messages/deliveries", methods=METHODS)
+    async def deliveries_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.deliveries)
+
+    # -- envelope -------------------------------------------------------------------------------------
+
+    async def _respond(
+        self, request: IRequest, action: Callable[[Caller, dict[str, Any]], Awaitable[Any]]
+    ) -> bytes:
+        """Authenticate, read the parameters, run ``action`` and wrap what it gives in Postal's envelope."""
+        start = self.clock.seconds()
+        status = "success"
+        data: Any
+        try:
+            caller = await self._authenticate(request)
+            data = await action(caller, self._params(request))
+        except APIError as e:
+            status, data = "error", {**e.data, "code": e.code}
+        except ParameterError as e:
+            status, data = "parameter-error", {"message": e.message}
+        except Exception:
+            self.log.failure("legacy API request {path} failed", path=request.path)
+            status = "error"
+            data = {
+                "code": "InternalError",
+                "message": "An unexpected error occurred and has been logged; the request may not have "
+                "been completed",
+            }
+        envelope = {
+            "status": status,
+            "time": round(self.clock.seconds() - start, 3),
+            "flags": {},
+            "data": data,
+        }
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")  # type: ignore[no-untyped-call]
+        return json.dumps(envelope).encode("ascii")
+
+    def _params(self, request: IRequest) -> dict[str, Any]:
+        content = request.content
+        content.seek(0, 2)
+        size = content.tell()
+        if size > self.max_request_size:
+            raise APIError(
+                "MessageTooLarge",
+                f"The request body is {size} bytes; the largest accepted is {self.max_request_size} bytes",
+            )
+        content.seek(0)
+        body = content.read()
+        raw_type = request.getHeader(b"content-type")  # type: ignore[no-untyped-call]
+        content_type = (raw_type or b"").decode("latin-1")
+        fields: dict[bytes, list[bytes]] = dict(request.args)
+        if content_type.strip().lower().startswith("application/x-www-form-urlencoded"):
+            # Twisted reads form bodies of POST only; Postal takes them with every method.
+            fields.update(parse_qs(body, keep_blank_values=True))
+        values = fields.get(b"params")
+        return p.request_params(content_type, body, values[-1] if values else None)
+
+    # -- authentication -------------------------------------------------------------------------------
+
+    async def _authenticate(self, request: IRequest) -> Caller:
+        """The caller named by ``X-Server-API-Key``, with Postal's three errors."""
+        header = request.getHeader(b"x-server-api-key")  # type: ignore[no-untyped-call]
+        key = header.decode("utf-8", "replace").strip() if header else ""
+        if not key:
+            raise APIError("AccessDenied", "Must be authenticated as a server.")
+        found = await self._credential(key)
+        if found is None:
+            raise APIError(
+                "InvalidServerAPIKey", "The API token provided in X-Server-API-Key was not valid.", token=key
+            )
+        credential, server = found
+        if server.suspended:
+            raise APIError("ServerSuspended", "The mail server has been suspended")
+        self._record_use(credential)
+        return Caller(credential=credential, server=server, client_ip=_client_ip(request))
+
+    async def _db(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a unit of work; `TemporaryFailure` if it fails or takes more than ``timeout``."""
+        d = self.database.run(fn, *args, **kwargs)
+        d.addTimeout(self.timeout, self.clock)
+        try:
+            return await d
+        except DeferredTimeoutError:
+            self.log.warn("legacy API: the database did not answer within {timeout} s", timeout=self.timeout)
+            raise temporary_failure("The database") from None
+        except Exception:
+            self.log.failure("legacy API: database lookup failed")
+            raise temporary_failure("The database") from None
+
+    async def _credential(self, key: str) -> tuple[Credential, Server] | None:
+        digest = hash_secret(key)
+        found = self._credentials.get(digest)
+        if found is not None:
+            return found
+        if self._unknown_keys.get(digest):
+            return None
+        found = await self._credential_lookups.run(digest, lambda: self._db(find_api_credential, key))
+        if found is None:
+            self._unknown_keys.put(digest, True)
+        else:
+            self._credentials.put(digest, found)
+        return found
+
+    def _record_use(self, credential: Credential) -> None:
+        """Write the credential's last use, beside the request and at most once per ``cache_seconds``."""
+        now = self.clock.seconds()
+        recent = credential.last_used_at is not None and credential.last_used_at > now - self.cache_seconds
+        if recent or self._touched.get(credential.id):
+            return
+        self._touched.put(credential.id, True)
+        d = self.database.run(touch_credential, credential.id, now)
+        d.addErrback(
+            lambda f: self.log.failure(
+                "could not record use of credential {credential_id}", f, credential_id=credential.id
+            )
+        )
+
+    async def _domain_allowed(self, server: Server, domain: str) -> bool:
+        key = (server.id, domain)
+        cached = self._domains.get(key)
+        if cached is not None:
+            return cached
+
+        async def check() -> bool:
+            d = Deferred.fromCoroutine(self._check_domain(server, domain))
+            d.addTimeout(self.timeout, self.clock)
+            try:
+                return await d
+            except Exception:
+                self.log.failure("legacy API: sending domain check of {domain} failed", domain=domain)
+                raise temporary_failure("The sending domain check") from None
+
+        allowed = await self._domain_lookups.run(key, check)
+        self._domains.put(key, allowed)
+        return allowed
+
+    async def _check_domain(self, server: Server, domain: str) -> bool:
+        return bool(await self.sending_domain_check(server, domain))
+
+    async def _address_allowed(self, server: Server, address: str) -> bool:
+        domain = domain_of(address)
+        return "@" in address and bool(domain) and await self._domain_allowed(server, domain)
+
+    # -- send -----------------------------------------------------------------------------------------
+
+    async def send_message(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        """``send/message``: build the message from fields, one message per recipient."""
+        given = p.parse_send_message(params)
+        # Postal's checks, in Postal's order (OutgoingMessagePrototype#validate; the first one wins).
+        if not (given.to or given.cc or given.bcc):
+            raise send_error("NoRecipients")
+        for addresses, code in (
+            (given.to, "TooManyToAddresses"),
+            (given.cc, "TooManyCCAddresses"),
+            (given.bcc, "TooManyBCCAddresses"),
+        ):
+            if len(addresses) > MAX_ADDRESSES:
+                raise send_error(code)
+        if p.is_blank(given.plain_body) and p.is_blank(given.html_body):
+            raise send_error("NoContent")
+        if given.from_ is None:
+            raise send_error("FromAddressMissing")
+        if not await self._from_authenticated(caller.server, given.from_, given.sender):
+            raise send_error("UnauthenticatedFromAddress")
+        for attachment in given.attachments:
+            if not attachment.name.strip():
+                raise send_error("AttachmentMissingName")
+            if not attachment.data:
+                raise send_error("AttachmentMissingData")
+        now = self.clock.seconds()
+        message_id = new_message_id(self.hostname)
+        draft = Draft(
+            from_=given.from_,
+            to=given.to,
+            cc=given.cc,
+            sender=given.sender,
+            reply_to=given.reply_to,
+            subject=given.subject,
+            plain_body=given.plain_body,
+            html_body=given.html_body,
+            headers=given.headers,
+            attachments=tuple(
+                Attachment(filename=a.name, content_type=a.content_type, data=a.data or b"")
+                for a in given.attachments
+            ),
+        )
+        message = compose(
+            draft,
+            message_id=message_id,
+            timestamp=now,
+            received=received_value(caller.client_ip, self.hostname, now),
+        )
+        recipients = [m.address for m in (*given.to, *given.cc, *given.bcc)]
+        mail_from = "" if given.bounce else given.from_.address
+        messages = await self._accept(caller, mail_from, recipients, message, tag=given.tag)
+        return {"message_id": message_id, "messages": messages}
+
+    async def _from_authenticated(self, server: Server, from_: Mailbox, sender: Mailbox | None) -> bool:
+        """Postal's ``find_domain``: the From domain, else (where the server allows it) the Sender domain."""
+        if await self._address_allowed(server, from_.address):
+            return True
+        return (
+            sender is not None
+            and self.sender_allowed(server)
+            and await self._address_allowed(server, sender.address)
+        )
+
+    async def send_raw(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        """``send/raw``: a complete message, base64, for the given envelope."""
+        given = p.parse_send_raw(params)
+        self._check_size(len(given.data))
+        if not await self._headers_authenticated(caller.server, given.data):
+            raise send_error("UnauthenticatedFromAddress")
+        recipients = list(dict.fromkeys(given.rcpt_to))
+        if not recipients:
+            return {"message_id": None, "messages": {}}
+        mail_from = "" if given.bounce else given.mail_from
+        messages = await self._accept(caller, mail_from, recipients, given.data, tag=None)
+        return {"message_id": parse_headers(given.data).message_id, "messages": messages}
+
+    async def _headers_authenticated(self, server: Server, message: bytes) -> bool:
+        """Postal's ``find_authenticated_domain_from_headers``: every From address authenticated, else
+        (where the server allows it) every Sender address. A missing field never authenticates."""
+        names = ["from", "sender"] if self.sender_allowed(server) else ["from"]
+        for name in names:
+            addresses = header_addresses(message, name) or [""]
+            if all([await self._address_allowed(server, address) for address in addresses]):
+                return True
+        return False
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_message_size:
+            raise APIError(
+                "MessageTooLarge",
+                f"The message is {size} bytes; the largest accepted is {self.max_message_size} bytes",
+            )
+
+    async def _accept(
+        self, caller: Caller, mail_from: str, recipients: list[str], message: bytes, *, tag: str | None
+    ) -> dict[str, dict[str, Any]]:
+        """Queue ``message`` once per distinct recipient (one Redis call); Postal's ``messages`` map."""
+        self._check_size(len(message))
+        unique = list(dict.fromkeys(recipients))
+        try:
+            accepted = await self.acceptor.accept(
+                caller.server,
+                Scope.OUTGOING.value,
+                mail_from,
+                unique,
+                message,
+                hold_reason=CREDENTIAL_HOLD if caller.credential.hold else None,
+                tag=tag,
+            )
+        except ServerSuspended:
+            raise APIError("ServerSuspended", "The mail server has been suspended") from None
+        except QueueFull as e:
+            self.log.warn("legacy API: message not queued: {error}", error=str(e))
+            raise APIError(
+                "QueueFull", "The queue is out of storage; the message was not queued, try again later"
+            ) from None
+        except RedisUnavailable as e:
+            self.log.warn("legacy API: message not queued: {error}", error=str(e))
+            raise APIError(
+                "QueueUnavailable", "The queue is unavailable; the message was not queued, try again later"
+            ) from None
+        return {m.rcpt_to: {"id": m.id, "token": m.token} for m in accepted}
+
+    # -- messages -------------------------------------------------------------------------------------
+
+    async def message(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        """``messages/message``: one of the server's messages, with the expansions asked for."""
+        given, id = p.message_id(params)
+        wanted = p.expansions(params)
+        message: Message | None = None
+        if id is not None:
+            message = await self._db(find_message, id)
+            if message is not None and message.server_id != caller.server.id:
+                raise APIError("MessageNotFound", "No message found matching provided ID", id=given)
+        raw: bytes | None = None
+        if id is not None and (message is None or wanted & RAW_EXPANSIONS):
+            queued = await self._queued(caller.server, id, required=message is None)
+            if queued is not None:
+                fields, raw = queued
+                if message is None:
+                    message = queued_message(id, fields, raw)
+        if message is None:
+            raise APIError("MessageNotFound", "No message found matching provided ID", id=given)
+        return message_data(message, wanted, raw)
+
+    async def deliveries(self, caller: Caller, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """``messages/deliveries``: the delivery attempts of one of the server's messages, oldest first."""
+        given, id = p.message_id(params)
+        found = None if id is None else await self._db(find_deliveries, caller.server.id, id)
+        if found is None:
+            if id is not None and await self._queued(caller.server, id, required=True) is not None:
+                return []  # accepted, not recorded yet: no attempt so far
+            raise APIError("MessageNotFound", "No message found matching provided ID", id=given)
+        return [delivery_data(d) for d in found]
+
+    async def _queued(
+        self, server: Server, id: int, *, required: bool
+    ) -> tuple[dict[str, str], bytes] | None:
+        """The queue entry and body of one of ``server``'s messages while it is still queued.
+
+        If Redis fails and the answer depends on it (``required``) that is a `TemporaryFailure`;
+        otherwise the body is reported as unavailable.
+        """
+        try:
+            fields = await self.queue.message_fields(id)
+            if not fields or fields.get("server_id") != str(server.id) or "body" not in fields:
+                return None
+            body = await self.queue.client.execute("HGET", fields["body"], "data")
+        except Exception as e:
+            self.log.warn(
+                "legacy API: could not read message {id} from the queue: {error}", id=id, error=str(e)
+            )
+            if required:
+                raise temporary_failure("The queue") from None
+            return None
+        return (fields, bytes(body)) if body is not None else None
