@@ -53,7 +53,7 @@ from twisted.web.iweb import IRequest
 
 from admin_api import params as p
 from admin_api.params import ParameterError
-from mtad.accept import Acceptor, ServerSuspended, header_section, parse_headers
+from mtad.accept import Acceptor, ServerSuspended, parse_headers
 from mtad.caching import ExpiringCache, SharedLookups
 from mtad.mail.compose import (
     Attachment,
@@ -64,6 +64,7 @@ from mtad.mail.compose import (
     new_message_id,
     received_value,
 )
+from mtad.mail.headers import header_addresses, header_section
 from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.relay_policy import CREDENTIAL_HOLD
@@ -164,17 +165,6 @@ def ruby_base64(data: bytes) -> str:
     a newline."""
     text = base64.b64encode(data).decode("ascii")
     return "".join(text[i : i + 60] + "\n" for i in range(0, len(text), 60))
-
-
-def header_addresses(message: bytes, name: str) -> list[str]:
-    """The addresses in every ``name`` field of ``message`` (empty if there is none)."""
-    section = header_section(message)
-    try:
-        parsed = _HEADER_PARSER.parsebytes(section)
-        return [a.addr_spec for value in parsed.get_all(name) or [] for a in value.addresses]
-    except Exception:  # the modern parser has raised on hostile input; fall back to the lenient one
-        raw = _RAW_HEADER_PARSER.parsebytes(section)
-        return [address for _, address in email.utils.getaddresses(raw.get_all(name) or [])]
 
 
 def _body_text(message: EmailMessage, subtype: str) -> str | None:

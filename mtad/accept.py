@@ -19,6 +19,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mtad.mail.headers import header_section
 from mtad.queue.model import NewMessage, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
 from mtad.store.servers import Server, ServerMode
@@ -63,23 +64,6 @@ class MessageHeaders:
 def new_token() -> str:
     """A fresh message token as Postal makes them (used in tracking and return paths)."""
     return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
-
-
-def header_section(message: bytes) -> bytes:
-    """The header section of ``message`` without its body (RFC 5322 §2.1).
-
-    Only the headers are parsed, so a 25 MB body is never decoded to a string just to read the Subject.
-    The SMTP server hands over CRLF line ends; bare LF is accepted for messages from the send API.
-    """
-    if message.startswith((b"\r\n", b"\n")):
-        return b""
-    crlf = message.find(b"\r\n\r\n")
-    lf = message.find(b"\n\n", 0, None if crlf < 0 else crlf)
-    if lf >= 0:
-        return message[: lf + 1]
-    if crlf >= 0:
-        return message[: crlf + 2]
-    return message
 
 
 _WANTED = (b"subject", b"message-id", b"x-postal-tag")

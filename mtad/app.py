@@ -42,6 +42,7 @@ from mtad.outbound.delivery import DeliveryService, DeliverySettings
 from mtad.outbound.mx import MXResolver, ResolverConfig, parse_nameservers
 from mtad.outbound.pools import ConnectionLimits, IPPool, SourceAddress
 from mtad.outbound.retry import RetryPolicy
+from mtad.outbound.signing import MessageSigner
 from mtad.queue.client import RedisClient
 from mtad.queue.embedded import EmbeddedRedis
 from mtad.queue.events import EventStream
@@ -272,7 +273,11 @@ class MtadService(Service):
             default_pool=delivery.default_pool,
         )
         try:
-            return DeliveryService(self._reactor, queue, deliverer, pools, settings, self.owner)
+            assert self.database is not None
+            signer = MessageSigner(self.database, self._reactor)
+            return DeliveryService(
+                self._reactor, queue, deliverer, pools, settings, self.owner, sign=signer.sign
+            )
         except ValueError as e:
             raise StartupError(f"delivery: {e}") from e
 

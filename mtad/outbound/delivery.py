@@ -22,7 +22,7 @@ messages again. A delivery that outlives half its lease extends it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -132,6 +132,10 @@ def _sentence(text: str, more: str) -> str:
     return f"{text} {more}" if text.endswith(".") else f"{text}. {more}"
 
 
+#: Signs a message body for a server: ``(server_id, message_id, body) -> signed body``.
+BodySigner = Callable[[int, int, bytes], Awaitable[bytes]]
+
+
 class DeliveryService(Service):
     """Claims due outgoing messages, delivers them per (pool, domain) group and settles every lease.
 
@@ -148,6 +152,7 @@ class DeliveryService(Service):
         pools: Mapping[str, IPPool],
         settings: DeliverySettings,
         owner: str,
+        sign: BodySigner | None = None,
     ) -> None:
         if settings.default_pool not in pools:
             raise ValueError(
@@ -157,6 +162,7 @@ class DeliveryService(Service):
         self._queue = queue
         self._deliverer = deliverer
         self._pools = dict(pools)
+        self._sign = sign
         self.settings = settings
         self.owner = owner
         #: Claimed messages not yet settled, by id.
@@ -346,6 +352,8 @@ class DeliveryService(Service):
             lambda f: self.log.failure("extending leases failed", f)
         )
         try:
+            if self._sign is not None:
+                outgoing = await self._signed(messages)
             outcome = await self._deliverer.deliver(domain, outgoing, pool)
         except Exception:
             if self._abandoned:  # cancelled by stopService after drain_timeout
@@ -366,6 +374,19 @@ class DeliveryService(Service):
             if extender.running:
                 extender.stop()
         await self._settle_outcome(domain, messages, outcome)
+
+    async def _signed(self, messages: Sequence[ClaimedMessage]) -> list[OutgoingMessage]:
+        """The messages with their bodies DKIM-signed; a body shared by several recipients is signed once."""
+        assert self._sign is not None
+        signed: dict[tuple[int, int], bytes] = {}
+        outgoing = []
+        for m in messages:
+            key = (id(m.body), m.server_id)
+            body = signed.get(key)
+            if body is None:
+                body = signed[key] = await self._sign(m.server_id, m.id, m.body)
+            outgoing.append(OutgoingMessage(str(m.id), m.mail_from, (m.rcpt_to,), body))
+        return outgoing
 
     async def _settle_outcome(
         self, domain: str, messages: list[ClaimedMessage], outcome: BatchOutcome

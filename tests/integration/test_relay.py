@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+import dkim
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
+from mtad.mail.dkim_keys import dkim_txt_value
+from mtad.store.domains import get_domain_by_name, list_keys
 from mtad.store.messages import MessageStatus, find_message, list_deliveries, list_messages
 from tests.integration.support import Harness, message, until
 from tests.redis_server import real_reactor
@@ -47,7 +50,7 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(delivered.recipients, ("alice@example.com",))
         self.assertEqual(delivered.peer_ip, "127.0.0.1")
         self.assertEqual(delivered.helo, "mta1.test")
-        self.assertTrue(delivered.data.startswith(b"Received: from client.test"), delivered.data[:200])
+        self.assertIn(b"\r\nReceived: from client.test", delivered.data.split(b"\r\n\r\n")[0])
         self.assertIn(b"Subject: Hi", delivered.data)
         await until(h.reactor, lambda: self.statuses(h) == [MessageStatus.SENT])
         (row,) = h.installation.query(list_messages, h.installation.server_id)
@@ -56,6 +59,37 @@ class RelayTests(unittest.TestCase):
         (attempt,) = h.installation.query(list_deliveries, row.id)
         self.assertEqual(attempt.status, MessageStatus.SENT)
         self.assertIn("250", attempt.output or "")
+
+    async def test_delivered_mail_is_dkim_signed(self) -> None:
+        """Mail from a verified sending domain leaves signed with its active key; the signature verifies."""
+        h = self.harness()
+        await h.start()
+        client = await h.session()
+        code, text = await client.send_message("app@sender.test", ["alice@example.com"], message("Signed"))
+        self.assertEqual(code, 250, text)
+        (delivered,) = await h.sink.wait_for_messages(1)
+        self.assertTrue(delivered.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"), delivered.data[:80])
+
+        def published() -> dict[bytes, bytes]:
+            def load(conn: Any) -> dict[bytes, bytes]:
+                domain = get_domain_by_name(conn, "sender.test")
+                return {
+                    f"{k.selector}._domainkey.sender.test.".encode(): dkim_txt_value(
+                        k.algorithm, k.public_key
+                    ).encode()
+                    for k in list_keys(conn, domain.id)
+                }
+
+            return cast(dict[bytes, bytes], h.installation.query(load))
+
+        records = published()
+        self.assertTrue(dkim.verify(delivered.data, dnsfunc=lambda name, timeout=5: records[name]))
+        self.assertFalse(
+            dkim.verify(
+                delivered.data.replace(b"Hi Alice", b"Hi Mallory"),
+                dnsfunc=lambda name, timeout=5: records[name],
+            )
+        )
 
     async def test_one_data_many_recipients_is_one_message_each(self) -> None:
         """Two recipients of one DATA become two messages, both delivered."""

@@ -1,0 +1,86 @@
+"""DKIM signing at delivery: which keys sign which message, and when a message goes out unsigned."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dkim
+from twisted.internet.task import Clock
+
+from mtad.mail.dkim_keys import dkim_txt_value
+from mtad.outbound.signing import MessageSigner, keys_for
+from mtad.store import domains, organizations, servers
+from tests.store.support import DatabaseTestCase, SynchronousDatabase
+
+BODY = (
+    b"From: App <app@sender.test>\r\nTo: a@example.com\r\nSubject: hi\r\n"
+    b"Date: Mon, 30 Nov 2026 10:00:00 +0000\r\n\r\nHello.\r\n"
+)
+
+
+class SigningTests(DatabaseTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        now = time.time()
+
+        def make(conn: Any) -> tuple[int, int]:
+            organizations.create_organization(conn, "Acme", now, permalink="acme")
+            server = servers.create_server(conn, "acme", "Mail", now, permalink="mail")
+            other = servers.create_server(conn, "acme", "Other", now, permalink="other")
+            domain = domains.create_domain(conn, "sender.test", now, server_id=server.id, rsa_bits=1024)
+            domains.verify_domain(conn, domain.id, now)
+            domains.create_domain(conn, "unverified.test", now, server_id=server.id, rsa_bits=1024)
+            return server.id, other.id
+
+        self.server_id, self.other_id = self.transaction(make)
+        self.database = SynchronousDatabase(self.engine)
+        self.clock = Clock()
+        self.clock.advance(time.time())
+
+    def records(self) -> dict[bytes, bytes]:
+        def load(conn: Any) -> dict[bytes, bytes]:
+            domain = domains.get_domain_by_name(conn, "sender.test")
+            return {
+                f"{k.selector}._domainkey.sender.test.".encode(): dkim_txt_value(
+                    k.algorithm, k.public_key
+                ).encode()
+                for k in domains.list_keys(conn, domain.id)
+            }
+
+        return self.transaction(load)
+
+    def test_keys_only_for_the_servers_verified_domains(self) -> None:
+        """A verified domain of the server has its active key; another server's or an unverified one none."""
+        (key,) = self.transaction(keys_for, self.server_id, "sender.test")
+        self.assertEqual((key.domain, key.algorithm), ("sender.test", "rsa"))
+        self.assertEqual(self.transaction(keys_for, self.other_id, "sender.test"), ())
+        self.assertEqual(self.transaction(keys_for, self.server_id, "unverified.test"), ())
+        self.assertEqual(self.transaction(keys_for, 999, "sender.test"), ())
+
+    async def test_signed_with_the_from_domain_key(self) -> None:
+        """A message from a verified domain is signed so that its published record verifies it."""
+        signer = MessageSigner(self.database, self.clock)
+        signed = await signer.sign(self.server_id, 1, BODY)
+        records = self.records()
+        self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
+
+    async def test_unsigned_without_a_key_or_a_from(self) -> None:
+        """No From, or a From domain without a verified key: the body goes out as it was."""
+        signer = MessageSigner(self.database, self.clock)
+        self.assertEqual(
+            await signer.sign(self.server_id, 1, b"To: a@example.com\r\n\r\nx\r\n"),
+            b"To: a@example.com\r\n\r\nx\r\n",
+        )
+        other = BODY.replace(b"sender.test", b"unverified.test")
+        self.assertEqual(await signer.sign(self.server_id, 1, other), other)
+
+    async def test_keys_cached(self) -> None:
+        """Keys of one (server, domain) are read once per cache period."""
+        signer = MessageSigner(self.database, self.clock, cache_seconds=60)
+        await signer.sign(self.server_id, 1, BODY)
+        await signer.sign(self.server_id, 2, BODY)
+        self.assertEqual(self.database.calls, 1)
+        self.clock.advance(61)
+        await signer.sign(self.server_id, 3, BODY)
+        self.assertEqual(self.database.calls, 2)
