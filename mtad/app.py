@@ -37,6 +37,8 @@ from mtad.accept import Acceptor
 from mtad.config import Config
 from mtad.domains.dns_check import DomainDNSChecker, domain_settings
 from mtad.events.recorder import Recorder
+from mtad.mail.dkim import DKIMKey
+from mtad.mail.dkim_keys import RSA, dkim_txt_value, load_or_create_key
 from mtad.outbound.deliverer import Deliverer, DelivererConfig
 from mtad.outbound.delivery import DeliveryService, DeliverySettings
 from mtad.outbound.mx import MXResolver, ResolverConfig, parse_nameservers
@@ -274,12 +276,32 @@ class MtadService(Service):
         )
         try:
             assert self.database is not None
-            signer = MessageSigner(self.database, self._reactor)
+            signer = MessageSigner(self.database, self._reactor, fallback=self._installation_key())
             return DeliveryService(
                 self._reactor, queue, deliverer, pools, settings, self.owner, sign=signer.sign
             )
         except ValueError as e:
             raise StartupError(f"delivery: {e}") from e
+
+    def _installation_key(self) -> DKIMKey:
+        domains = self.config.domains
+        path = Path(domains.installation_key) if domains.installation_key else None
+        try:
+            pem, public = load_or_create_key(path or self.config.data_path / "dkim-installation.pem")
+        except (OSError, ValueError) as e:
+            raise StartupError(f"domains.installation_key: cannot use {path}: {e}") from e
+        name = f"{domains.selector_prefix}._domainkey.{domains.return_path_domain}"
+        self.log.info(
+            "installation DKIM key: publish {name} TXT {record!r}",
+            name=name,
+            record=dkim_txt_value(RSA, public),
+        )
+        return DKIMKey(
+            domain=domains.return_path_domain,
+            selector=domains.selector_prefix,
+            private_key_pem=pem,
+            algorithm=RSA,
+        )
 
     async def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
         try:

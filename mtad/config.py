@@ -177,6 +177,9 @@ class DomainsConfig:
     verification_prefix: str = "postal-verification"
     #: DKIM selectors are ``<selector_prefix>-xxxxxx``.
     selector_prefix: str = "postal"
+    #: PEM file of the installation's own DKIM key, which signs mail whose From domain has no key of its
+    #: own (as ``d=<return_path_domain>``, selector ``<selector_prefix>``); empty: generated in data_dir.
+    installation_key: str = ""
     #: Size of new RSA DKIM keys (RFC 8301: at least 1024, 2048 recommended).
     rsa_bits: int = attrs.field(default=2048, metadata=_check(_at_least_1024))
     #: Run the periodic DNS check in this process (one process per installation is enough).

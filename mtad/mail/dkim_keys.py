@@ -13,7 +13,9 @@ base64 of its 32 raw bytes: `ed25519_raw_private_key` converts.
 from __future__ import annotations
 
 import base64
+import os
 import re
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -136,3 +138,19 @@ def txt_strings(value: str, size: int = 255) -> list[str]:
     """``value`` cut into the at most 255-octet character-strings a TXT record is made of (RFC 1035 §3.3.14);
     a DKIM record is read back as their concatenation (RFC 6376 §3.6.2.2)."""
     return [value[i : i + size] for i in range(0, len(value), size)] or [""]
+
+
+def load_or_create_key(path: Path, rsa_bits: int = 2048) -> tuple[bytes, str]:
+    """The RSA key in ``path`` (private PEM, public base64), generated there (mode 0600) if absent.
+
+    The installation's own key lives in the data directory like the self-signed TLS pair: created on first
+    start, kept across restarts, since its public half must stay published in DNS.
+    """
+    if not path.exists():
+        pem, _ = generate_key(RSA, rsa_bits)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+    pem = path.read_bytes()
+    return pem, public_key_from_private(RSA, pem)

@@ -53,7 +53,11 @@ class MessageSigner:
         clock: IReactorTime,
         signer: DKIMSigner | None = None,
         cache_seconds: float = 60.0,
+        fallback: DKIMKey | None = None,
     ) -> None:
+        """``fallback`` (the installation key) signs mail whose From domain has no key of its own, so every
+        message carries a signature a receiver can verify, aligned or not (Postal does the same)."""
+        self._fallback = fallback
         self._database = database
         self._clock = clock
         self._signer = signer if signer is not None else DKIMSigner()
@@ -74,17 +78,17 @@ class MessageSigner:
         return await self._lookups.run(key, lookup)
 
     async def sign(self, server_id: int, message_id: int, body: bytes) -> bytes:
-        """``body`` with a DKIM-Signature per active key of its From domain prepended, or as it was.
+        """``body`` with a DKIM-Signature per active key of its From domain (else the fallback) prepended.
 
         A database failure propagates (the caller retries the delivery later); a message that cannot be
         signed (no From, a broken key) goes out unsigned with a warning rather than not at all.
         """
         domain = from_domain(body)
-        if domain is None:
-            return body
-        keys = await self.keys(server_id, domain)
+        keys: Sequence[DKIMKey] = await self.keys(server_id, domain) if domain is not None else ()
         if not keys:
-            return body
+            if self._fallback is None:
+                return body
+            keys = (self._fallback,)
         try:
             return self._signer.sign(body, keys, now=self._clock.seconds())
         except (UnsignableMessageError, DKIMKeyError) as e:

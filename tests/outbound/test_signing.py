@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import dkim
 from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
 
-from mtad.mail.dkim_keys import dkim_txt_value
+from mtad.mail.dkim import DKIMKey
+from mtad.mail.dkim_keys import dkim_txt_value, load_or_create_key
 from mtad.outbound.signing import MessageSigner, keys_for
 from mtad.store import domains, organizations, servers
 from tests.store.support import DatabaseTestCase, SynchronousDatabase
@@ -84,3 +87,19 @@ class SigningTests(DatabaseTestCase):
         self.clock.advance(61)
         await signer.sign(self.server_id, 3, BODY)
         self.assertEqual(self.database.calls, 2)
+
+    async def test_fallback_key_signs_mail_without_a_domain_key(self) -> None:
+        """With an installation key, mail from a domain without a key is signed as the return-path domain."""
+        path = FilePath(self.mktemp())
+        pem, public = load_or_create_key(Path(path.path), rsa_bits=1024)
+        self.assertEqual(load_or_create_key(Path(path.path)), (pem, public))  # kept, not regenerated
+        fallback = DKIMKey(domain="rp.mtad.test", selector="postal", private_key_pem=pem)
+        signer = MessageSigner(self.database, self.clock, fallback=fallback)
+        other = BODY.replace(b"sender.test", b"unverified.test")
+        signed = await signer.sign(self.server_id, 1, other)
+        self.assertIn(b"d=rp.mtad.test;", signed.split(b"\r\n\r\n")[0])
+        record = dkim_txt_value("rsa", public).encode()
+        records = {b"postal._domainkey.rp.mtad.test.": record}
+        self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
+        own = await signer.sign(self.server_id, 2, BODY)
+        self.assertIn(b"d=sender.test;", own.split(b"\r\n\r\n")[0])
