@@ -234,6 +234,22 @@ class RelayTests(unittest.TestCase):
         await h.sink.wait_for_messages(1)
         self.assertEqual(len(h.sink.messages), 1)
 
+    async def test_queue_survives_redis_kill(self) -> None:
+        """A queued message survives SIGKILL of Redis (AOF, fsync always): it is still queued after."""
+        h = self.harness(sink=SinkBehaviour(fail_stage="rcpt", fail_code=451))
+        service = await h.start()
+        assert service.embedded_redis is not None and service.queue is not None
+        client = await h.session()
+        code, text = await client.send_message("app@sender.test", ["alice@example.com"], message())
+        self.assertEqual(code, 250, text)
+        await until(h.reactor, lambda: self.statuses(h) == [MessageStatus.SOFT_FAIL])
+        service.embedded_redis.kill_hard()
+        await service.embedded_redis.when_exited()
+        await service.embedded_redis.when_ready()
+        await until(h.reactor, lambda: service.redis is not None and service.redis.connected)
+        stats = await service.queue.stats(h.reactor.seconds())
+        self.assertEqual((stats.scheduled, stats.leased), (1, 0))
+
     async def test_queue_survives_mtad_restart(self) -> None:
         """Stopping mtad with a message awaiting retry loses nothing: after a restart it is still queued."""
         h = self.harness(sink=SinkBehaviour(fail_stage="rcpt", fail_code=451))
