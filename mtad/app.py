@@ -41,6 +41,7 @@ from mtad.mail.dkim import DKIMKey
 from mtad.mail.dkim_keys import RSA, dkim_txt_value, load_or_create_key
 from mtad.outbound.deliverer import Deliverer, DelivererConfig
 from mtad.outbound.delivery import DeliveryService, DeliverySettings
+from mtad.outbound.holds import HoldExpiry
 from mtad.outbound.mx import MXResolver, ResolverConfig, parse_nameservers
 from mtad.outbound.pools import ConnectionLimits, IPPool, SourceAddress
 from mtad.outbound.retry import RetryPolicy
@@ -173,6 +174,9 @@ class MtadService(Service):
             self.delivery = self._delivery_service(self.queue, self.redis, resolver)
             self.delivery.startService()
             self._on_stop("delivery", self.delivery.stopService)
+        hold_expiry = HoldExpiry(self._reactor, self.queue, config.delivery.hold_days * 86400)
+        hold_expiry.startService()
+        self._on_stop("hold expiry", hold_expiry.stopService)
         acceptor = Acceptor(
             self.queue, self._reactor, default_pool=config.delivery.default_pool, timeout=config.redis.timeout
         )

@@ -3,27 +3,45 @@
 Every command works on the database named by the configuration file (``--config``) and exits non-zero with
 one clear line on stderr when something is wrong. Secrets (API keys, SMTP passwords) are printed once, by the
 command that makes them, and never again: only their hashes are stored.
+
+The held-message commands (``release-held``, ``cancel-held``) also reach the queue in Redis: ``redis.url``,
+or the embedded Redis's socket in ``data_dir``, which exists only while the daemon runs. They run Twisted's
+reactor in this process for the duration of the command (`run_on_reactor`); the command line process is
+not the daemon, so nothing else waits on that reactor.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import Any, Protocol, TextIO, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.error import ReactorNotRunning
+from twisted.python.failure import Failure
 
 from mtad.config import Config, ConfigError, load_config
 from mtad.domains import dns_check
 from mtad.domains.dns_check import BlockingResolver, domain_settings, run_blocking
 from mtad.mail.dkim_keys import ED25519, RSA
+from mtad.outbound.holds import hold_cancelled_event
 from mtad.outbound.mx import parse_nameservers
+from mtad.queue.client import RedisClient
+from mtad.queue.embedded import EmbeddedRedis, EmbeddedRedisError
+from mtad.queue.keys import QueueKeys
+from mtad.queue.model import QueueError, RedisUnavailable
+from mtad.queue.redis_queue import RedisQueue
 from mtad.store import credentials as credential_store
 from mtad.store import domains as domain_store
+from mtad.store import messages as message_store
 from mtad.store import organizations as organization_store
 from mtad.store import servers as server_store
 from mtad.store.db import StoreError, make_engine
@@ -56,13 +74,78 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+class AsyncRunner(Protocol):
+    """Runs ``work(reactor)`` to its end and returns its result (or raises its exception)."""
+
+    def __call__(self, work: Callable[[Any], Coroutine[Any, Any, T]], /) -> T: ...
+
+
+def run_on_reactor(work: Callable[[Any], Coroutine[Any, Any, T]], /) -> T:
+    """Run ``work(reactor)`` on Twisted's global reactor, in this command line process, and return its result.
+
+    The reactor runs until ``work`` is done and is then stopped; a reactor cannot be started twice, so
+    this runs once per process (one command). Only the ``mtad`` command line uses it, never the daemon
+    (txredisapi schedules on the global reactor, so the queue cannot run on a private one). Ctrl-C stops
+    the reactor and the command fails with "interrupted".
+    """
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    outcome: list[Any] = []
+
+    def stop(_: object) -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # Ctrl-C got there first.
+
+    def start() -> None:
+        d: Deferred[T] = Deferred.fromCoroutine(work(reactor))
+        d.addBoth(outcome.append).addBoth(stop)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if not outcome:
+        raise CommandError("interrupted")
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[no-any-return]
+
+
+def queue_location(config: Config) -> tuple[str, str | None]:
+    """The Redis URL the daemon's queue is at, and the embedded Redis's socket path when it is embedded."""
+    if config.redis.url:
+        return config.redis.url, None
+    try:
+        embedded = EmbeddedRedis(None, str(config.data_path))
+    except EmbeddedRedisError as e:
+        raise CommandError(f"general.data_dir: {e}") from None
+    return embedded.url, embedded.socket_path
+
+
+#: Held messages released or cancelled concurrently (pipelined on one Redis connection).
+_QUEUE_CHUNK = 200
+
+#: Why a message the command was asked to release or cancel was left alone.
+_NOT_HELD = "not held in the queue (released, cancelled, expired or delivered already, or no such message)"
+
+
 class _Commands:
-    def __init__(self, config: Config, out: TextIO) -> None:
+    def __init__(
+        self,
+        config: Config,
+        out: TextIO,
+        run_async: AsyncRunner = run_on_reactor,
+        queue_keys: QueueKeys | None = None,
+    ) -> None:
         self.config = config
         self.url = config.database_url
         self.out = out
         self._engine: Engine | None = None
         self.domain_settings = domain_settings(config.domains)
+        self.run_async = run_async
+        self.queue_keys = queue_keys if queue_keys is not None else QueueKeys()
 
     @property
     def engine(self) -> Engine:
@@ -420,6 +503,140 @@ class _Commands:
             if old != key.selector:
                 self.print(f"{old} retired: keep its record published for a few days, then remove it")
 
+    # Held messages.
+
+    def _held_filter(self, conn: Connection, args: argparse.Namespace) -> message_store.HeldFilter:
+        server_id = None
+        if args.server is not None:
+            server_id = server_store.get_server_by_name(conn, args.server).id
+        return message_store.HeldFilter(
+            server_id=server_id, rcpt_to=args.rcpt_to, mail_from=args.mail_from, held_before=args.before
+        )
+
+    def list_held(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> tuple[dict[int, str], list[message_store.Message]]:
+            names = {s.id: s.full_permalink for s in server_store.list_servers(conn)}
+            held = message_store.list_held_messages(conn, self._held_filter(conn, args), limit=args.limit + 1)
+            return names, held
+
+        names, held = self.transaction(load)
+        more = len(held) > args.limit
+        held = held[: args.limit]
+        if not held:
+            self.print("no held messages" + _described(args))
+            return
+        self._table(
+            ["ID", "SERVER", "MAIL FROM", "RCPT TO", "HELD", "EXPIRES", "SUBJECT"],
+            [
+                [
+                    str(m.id),
+                    names.get(m.server_id, str(m.server_id)),
+                    m.mail_from or "<>",
+                    m.rcpt_to,
+                    _format_time(m.last_delivery_attempt),
+                    _format_time(m.hold_expiry),
+                    _shorten(m.subject or "", 40),
+                ]
+                for m in held
+            ],
+        )
+        if more:
+            self.print(f"(only the {args.limit} longest held are shown; use --limit or filters for more)")
+
+    def release_held(self, args: argparse.Namespace) -> None:
+        self._act_on_held(args, "released", self._release_one)
+
+    def cancel_held(self, args: argparse.Namespace) -> None:
+        self._act_on_held(args, "cancelled", self._cancel_one)
+
+    @staticmethod
+    async def _release_one(queue: RedisQueue, message_id: int, now: float) -> bool:
+        # Due now, without its hold reason: delivery sends it rather than holding it again.
+        return await queue.release_held(message_id, now)
+
+    @staticmethod
+    async def _cancel_one(queue: RedisQueue, message_id: int, now: float) -> bool:
+        held = await queue.held_message(message_id)
+        if held is None:
+            return False
+        # The event makes the recorder write the HoldCancelled delivery and status to SQL.
+        return await queue.cancel_held(message_id, hold_cancelled_event(held, now))
+
+    def _act_on_held(
+        self,
+        args: argparse.Namespace,
+        done: str,
+        act: Callable[[RedisQueue, int, float], Coroutine[Any, Any, bool]],
+    ) -> None:
+        """Release or cancel held messages named by id, or chosen from SQL (status Held) by filters."""
+        filtered = args.server is not None or args.rcpt_to or args.mail_from or args.before is not None
+        if args.ids and (filtered or args.all):
+            raise CommandError("give message ids, or filters (or --all), not both")
+        if not args.ids and not filtered and not args.all:
+            raise CommandError(
+                "name the messages: their ids, filters (--server, --rcpt-to, --mail-from, --before), "
+                "or --all for every held message"
+            )
+        ids: list[int]
+        if args.ids:
+            ids = list(dict.fromkeys(args.ids))
+        else:
+            ids = self.transaction(
+                lambda conn: message_store.held_message_ids(conn, self._held_filter(conn, args))
+            )
+            if not ids:
+                self.print("no held messages" + _described(args))
+                return
+        url, socket_path = queue_location(self.config)
+        if socket_path is not None and not os.path.exists(socket_path):
+            raise CommandError(
+                f"the embedded Redis is not running (no socket at {socket_path}): it runs only while the "
+                "mtad daemon runs with this data_dir; start mtad and try again (or set redis.url)"
+            )
+        results: dict[int, bool] = {}
+
+        async def work(reactor: Any) -> None:
+            client = RedisClient.from_url(reactor, url, timeout=self.config.redis.timeout, poolsize=1)
+            try:
+                try:
+                    await client.wait_connected()
+                except RedisUnavailable as e:
+                    raise CommandError(_unreachable(str(e), socket_path)) from None
+                queue = RedisQueue(client, self.queue_keys)
+                now = reactor.seconds()
+                for start in range(0, len(ids), _QUEUE_CHUNK):
+                    chunk = ids[start : start + _QUEUE_CHUNK]
+                    acts = [Deferred.fromCoroutine(act(queue, i, now)) for i in chunk]
+                    try:
+                        replies = await gatherResults(acts, consumeErrors=True)
+                    except FirstError as e:
+                        e.subFailure.raiseException()
+                    results.update(zip(chunk, replies, strict=True))
+            finally:
+                await client.disconnect()
+
+        try:
+            self.run_async(work)
+        except QueueError as e:
+            if results:
+                self.print(
+                    f"{done} {sum(results.values())} of {len(ids)} messages before Redis failed; "
+                    "running the command again is safe"
+                )
+            raise CommandError(f"Redis: {e}") from None
+        missed = [i for i in ids if not results.get(i)]
+        if args.ids:
+            for message_id in ids:
+                self.print(f"{done} {message_id}" if results[message_id] else f"{message_id}: {_NOT_HELD}")
+            if missed:
+                raise CommandError(
+                    f"{len(missed)} of {len(ids)} messages were not held; nothing done for them"
+                )
+            return
+        self.print(f"{done} {len(ids) - len(missed)} of {len(ids)} held messages{_described(args)}")
+        for message_id in missed:
+            self.print(f"  skipped {message_id}: {_NOT_HELD}")
+
     def _table(self, header: list[str], rows: list[list[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
         for row in [header, *rows]:
@@ -430,6 +647,60 @@ def _format_time(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _described(args: argparse.Namespace) -> str:
+    """The filters of a held-message command, for its summary line."""
+    parts = []
+    if args.server is not None:
+        parts.append(f"server {args.server}")
+    if args.rcpt_to:
+        parts.append(f"rcpt to {args.rcpt_to}")
+    if args.mail_from:
+        parts.append(f"mail from {args.mail_from}")
+    if args.before is not None:
+        parts.append(f"held before {_format_time(args.before)}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _unreachable(error: str, socket_path: str | None) -> str:
+    if socket_path is None:
+        return f"redis.url: {error}"
+    return (
+        f"cannot reach the embedded Redis ({error}): it runs only while the mtad daemon runs with this "
+        "data_dir; start mtad and try again (or set redis.url)"
+    )
+
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def time_argument(text: str) -> float:
+    """A ``--before`` time: ``2024-05-01``, ``2024-05-01 12:00`` (UTC unless an offset is given), Unix
+    seconds, or an age (``30m``, ``6h``, ``2d``: that long ago)."""
+    text = text.strip()
+    age = _AGE.fullmatch(text)
+    if age is not None:
+        return time.time() - float(age.group(1)) * _AGE_UNITS[age.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use 2024-05-01, '2024-05-01 12:00', Unix seconds or an age like 2d)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 def _status(status: str | None, error: str | None) -> str:
@@ -500,13 +771,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("selector", metavar="SELECTOR")
     p.add_argument("--force", action="store_true", help="activate even if its DNS record is not found")
+
+    p = commands.add_parser("list-held", help="list held messages (development mode, held credentials)")
+    p.add_argument("server", metavar="SERVER", nargs="?", help="organization/server (default: all servers)")
+    _held_filters(p)
+    p.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
+    for name, verb, effect in (
+        ("release-held", "release", "deliver now"),
+        ("cancel-held", "cancel", "delete without delivering (status HoldCancelled)"),
+    ):
+        p = commands.add_parser(
+            name, help=f"{verb} held messages: {effect}; by id, or in bulk by filters (needs the queue)"
+        )
+        p.add_argument("ids", metavar="ID", type=int, nargs="*", help="message ids")
+        p.add_argument("--server", metavar="SERVER", help="held messages of organization/server")
+        _held_filters(p)
+        p.add_argument("--all", action="store_true", help="every held message (that matches the filters)")
     return parser
 
 
+def _held_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rcpt-to", metavar="ADDRESS", help="recipient; * matches anything (*@example.com)")
+    p.add_argument("--mail-from", metavar="ADDRESS", help="envelope sender; * matches anything")
+    p.add_argument(
+        "--before",
+        metavar="TIME",
+        type=time_argument,
+        help="held before TIME: 2024-05-01, '2024-05-01 12:00' (UTC), Unix seconds, or an age (2d, 6h)",
+    )
+
+
 def main(
-    argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
+    argv: Sequence[str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    *,
+    run_async: AsyncRunner = run_on_reactor,
+    queue_keys: QueueKeys | None = None,
 ) -> int:
-    """Run one ``mtad`` command; return the exit status (0 success, 1 failure, 2 usage error)."""
+    """Run one ``mtad`` command; return the exit status (0 success, 1 failure, 2 usage error).
+
+    ``run_async`` runs the commands' Redis work (tests run it on trial's reactor from a thread);
+    ``queue_keys`` is the queue's key prefix (tests use a fresh one).
+    """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     parser = _parser()
@@ -515,7 +822,7 @@ def main(
     except SystemExit as e:  # argparse has printed the usage error (to sys.stderr).
         return int(e.code or 0)
     try:
-        commands = _Commands(config_from_toml(args.config), out)
+        commands = _Commands(config_from_toml(args.config), out, run_async, queue_keys)
         try:
             getattr(commands, args.command.replace("-", "_"))(args)
         finally:

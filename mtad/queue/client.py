@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -214,7 +215,7 @@ class RedisClient:
             d.addTimeout(max(0.0, deadline - self._clock.seconds()), self._clock)
             try:
                 await d
-            except CancelledError:
+            except (CancelledError, DeferredTimeoutError):  # addTimeout fails with TimeoutError
                 raise RedisUnavailable(
                     f"could not connect to Redis at {self.address.describe()} within {self.timeout} s"
                 ) from None

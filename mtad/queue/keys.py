@@ -323,6 +323,45 @@ return 1
 """,
 )
 
+# ARGV: prefix, before, limit. The messages held at or before ``before`` (oldest first, up to ``limit``),
+# each as a flat HGETALL array; a held id whose hash is gone comes back as {'id', id} so it can be cleared.
+HELD_BEFORE = Script.of(
+    "held_before",
+    _COMMON
+    + r"""
+local ids = redis.call('ZRANGEBYSCORE', K_HELD, '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local messages = {}
+for _, id in ipairs(ids) do
+  local fields = redis.call('HGETALL', msg_key(id))
+  if #fields == 0 then fields = {'id', id} end
+  messages[#messages + 1] = fields
+end
+return messages
+""",
+)
+
+# ARGV: prefix, before, maxlen, event_type, count, then per message: id, event_data.
+# Cancels each listed message that is still held and was held at or before ``before`` (one released,
+# cancelled or held again since it was read is left alone), appending its event; returns the ids cancelled.
+EXPIRE_HELD = Script.of(
+    "expire_held",
+    _COMMON
+    + r"""
+local before, maxlen, etype, count = tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local expired = {}
+for n = 0, count - 1 do
+  local id, edata = ARGV[6 + 2 * n], ARGV[7 + 2 * n]
+  local score = redis.call('ZSCORE', K_HELD, id)
+  if score and tonumber(score) <= before then
+    drop_message(id, msg_key(id))
+    add_event(maxlen, etype, edata)
+    expired[#expired + 1] = id
+  end
+end
+return expired
+""",
+)
+
 # ARGV: prefix, id, lease_token, deadline
 EXTEND_LEASE = Script.of(
     "extend_lease",

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -27,7 +28,9 @@ from mtad.queue.keys import (
     CANCEL_HELD,
     CLAIM,
     ENQUEUE,
+    EXPIRE_HELD,
     EXTEND_LEASE,
+    HELD_BEFORE,
     HOLD,
     RELEASE,
     RELEASE_HELD,
@@ -61,6 +64,57 @@ _CLAIM_FIELDS = frozenset(
         "state",
     }
 )
+
+
+_HELD_FIELDS = frozenset(
+    {
+        "id",
+        "token",
+        "server_id",
+        "scope",
+        "mail_from",
+        "rcpt_to",
+        "attempts",
+        "created_at",
+        "held_at",
+        "state",
+    }
+)
+
+
+@attrs.frozen
+class HeldMessage:
+    """A message in the held set, as `RedisQueue.held_message` and `RedisQueue.held_before` read it.
+
+    ``held_at`` is when it was held (its score in the held set); ``fields`` are the other fields of its
+    hash (``hold_reason``, ``pool``, ``body``, the caller's fields, ...).
+    """
+
+    id: int
+    token: str
+    server_id: int
+    scope: str
+    mail_from: str
+    rcpt_to: str
+    attempts: int
+    created_at: float
+    held_at: float
+    fields: Mapping[str, str]
+
+
+def _held_message(f: Mapping[str, str]) -> HeldMessage:
+    return HeldMessage(
+        id=int(f["id"]),
+        token=f.get("token", ""),
+        server_id=int(f.get("server_id", "0")),
+        scope=f.get("scope", ""),
+        mail_from=f.get("mail_from", ""),
+        rcpt_to=f.get("rcpt_to", ""),
+        attempts=int(f.get("attempts", "0")),
+        created_at=float(f.get("created_at", "0")),
+        held_at=float(f.get("held_at", "0")),
+        fields={k: v for k, v in f.items() if k not in _HELD_FIELDS},
+    )
 
 
 def _number(value: float) -> str:
@@ -206,6 +260,57 @@ class RedisQueue:
     def cancel_held(self, message_id: int, event: NewEvent | None = None) -> Deferred[bool]:
         """Delete a held message (and its body reference); False when it is not held."""
         return self._run(CANCEL_HELD, [message_id, *self._event_args(event)]).addCallback(bool)
+
+    def held_message(self, message_id: int) -> Deferred[HeldMessage | None]:
+        """The held message with this id; None when it is not held (any more, or never was)."""
+
+        def parse(reply: list[bytes]) -> HeldMessage | None:
+            fields = _pairs(reply)
+            return _held_message(fields) if fields.get("state") == "held" else None
+
+        return self.client.execute("HGETALL", self.keys.message(message_id)).addCallback(parse)
+
+    def held_before(self, before: float, limit: int) -> Deferred[list[HeldMessage]]:
+        """Up to ``limit`` messages held at or before ``before``, the longest held first."""
+        if limit <= 0:
+            raise ValueError("held_before limit must be positive")
+
+        def parse(reply: list[list[bytes]]) -> list[HeldMessage]:
+            return [_held_message(_pairs(raw)) for raw in reply]
+
+        return self._run(HELD_BEFORE, [_number(before), limit]).addCallback(parse)
+
+    def expire_held(
+        self, before: float, limit: int, event_for: Callable[[HeldMessage], NewEvent]
+    ) -> Deferred[list[int]]:
+        """Cancel up to ``limit`` messages held at or before ``before``, each with ``event_for(message)``.
+
+        Two round trips: read the candidates (`held_before`), then cancel them in one script that skips any
+        released, cancelled or held again in between, so two processes sweeping at once cancel each message
+        once. Fires with the ids cancelled. Every event must have the same type.
+        """
+        return Deferred.fromCoroutine(self._expire_held(before, limit, event_for))
+
+    async def _expire_held(
+        self, before: float, limit: int, event_for: Callable[[HeldMessage], NewEvent]
+    ) -> list[int]:
+        candidates = await self.held_before(before, limit)
+        if not candidates:
+            return []
+        events = [event_for(m) for m in candidates]
+        types = {e.type for e in events}
+        if len(types) != 1 or not events[0].type:
+            raise ValueError(f"expire_held needs one non-empty event type, got {sorted(types)}")
+        args: list[str | bytes | int | float] = [
+            _number(before),
+            self.events_maxlen,
+            events[0].type,
+            len(candidates),
+        ]
+        for message, event in zip(candidates, events, strict=True):
+            args += [message.id, _event_json(event.data)]
+        expired = await self._run(EXPIRE_HELD, args)
+        return [int(i) for i in expired]
 
     def extend_lease(self, message_id: int, lease_token: str, deadline: float) -> Deferred[bool]:
         """Push a lease's deadline to ``deadline`` for a long delivery; False when the lease is stale."""

@@ -247,6 +247,57 @@ def list_messages(
     return [_message_from_row(row) for row in conn.execute(query)]
 
 
+@attrs.frozen
+class HeldFilter:
+    """Which held messages an operator command lists, releases or cancels; None matches anything.
+
+    ``rcpt_to`` and ``mail_from`` match whole addresses, ignoring case; ``*`` in them matches any run of
+    characters (``*@example.com``). ``held_before`` selects messages held before that time.
+    """
+
+    server_id: int | None = None
+    rcpt_to: str | None = None
+    mail_from: str | None = None
+    held_before: float | None = None
+
+
+def _address_condition(column: sa.ColumnElement[Any], pattern: str) -> sa.ColumnElement[bool]:
+    value = pattern.strip().lower()
+    if "*" not in value:
+        return sa.func.lower(column) == value
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%")
+    return sa.func.lower(column).like(escaped, escape="\\")
+
+
+def _held_query(columns: Sequence[Any], where: HeldFilter) -> sa.Select[Any]:
+    query = sa.select(*columns).where(messages.c.status == MessageStatus.HELD.value)
+    if where.server_id is not None:
+        query = query.where(messages.c.server_id == where.server_id)
+    if where.rcpt_to is not None:
+        query = query.where(_address_condition(messages.c.rcpt_to, where.rcpt_to))
+    if where.mail_from is not None:
+        query = query.where(_address_condition(messages.c.mail_from, where.mail_from))
+    if where.held_before is not None:
+        # A Held message's last delivery attempt is the hold itself.
+        query = query.where(messages.c.last_delivery_attempt < where.held_before)
+    return query.order_by(messages.c.last_delivery_attempt, messages.c.id)
+
+
+def list_held_messages(conn: Connection, where: HeldFilter, limit: int | None = None) -> list[Message]:
+    """Messages whose recorded status is Held and that match ``where``, the longest held first."""
+    query = _held_query(_MESSAGE_COLUMNS, where)
+    if limit is not None:
+        query = query.limit(limit)
+    return [_message_from_row(row) for row in conn.execute(query)]
+
+
+def held_message_ids(conn: Connection, where: HeldFilter) -> list[int]:
+    """The ids of every message `list_held_messages` would return, for acting on them in bulk."""
+    return [
+        row.id for row in conn.execute(_held_query([messages.c.id, messages.c.last_delivery_attempt], where))
+    ]
+
+
 def list_deliveries(conn: Connection, message_id: int) -> list[Delivery]:
     """A message's delivery attempts in the order they happened."""
     query = (

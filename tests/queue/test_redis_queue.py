@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, succeed
 
 from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage
-from mtad.queue.redis_queue import RedisQueue
+from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from tests.redis_server import RedisTestCase
 
 NOW = 1_700_000_000.0
@@ -331,3 +331,82 @@ class StatsTests(QueueTestCase):
         self.assertIn("aof_enabled", info)
         self.assertIsInstance(info["aof_enabled"], bool)
         self.assertIn(info["appendfsync"], ("always", "everysec", "no", None))
+
+
+class HeldReadAndExpireTests(QueueTestCase):
+    """Reading held messages and expiring them in batches (the hold expiry sweep's queue calls)."""
+
+    def cancelled(self, message: HeldMessage) -> NewEvent:
+        return NewEvent("message.delivery", {"message_id": message.id, "status": "HoldCancelled"})
+
+    async def test_held_message_reads_only_held(self) -> None:
+        """held_message returns a held message's envelope, hold time and fields; None when not held."""
+        (mid,) = await self.queue.enqueue(
+            BODY, [message("a@x.test", held=True, fields={"hold_reason": "Development mode"})], NOW
+        )
+        (due,) = await self.queue.enqueue(BODY, [message("b@x.test")], NOW)
+        held = await self.queue.held_message(mid)
+        assert held is not None
+        self.assertEqual(
+            (held.id, held.token, held.server_id, held.scope, held.mail_from, held.rcpt_to),
+            (mid, "tok-a@x.test", 7, "outgoing", "sender@example.test", "a@x.test"),
+        )
+        self.assertEqual((held.attempts, held.created_at, held.held_at), (0, NOW, NOW))
+        self.assertEqual(held.fields["hold_reason"], "Development mode")
+        self.assertIsNone(await self.queue.held_message(due))
+        self.assertIsNone(await self.queue.held_message(mid + 1000))
+        await self.queue.release_held(mid, NOW)
+        self.assertIsNone(await self.queue.held_message(mid))
+
+    async def test_held_before_oldest_first_up_to_limit(self) -> None:
+        """held_before lists messages held at or before a time, the longest held first, up to the limit."""
+        (young,) = await self.queue.enqueue(BODY, [message("y@x.test", held=True)], NOW + 10)
+        (old,) = await self.queue.enqueue(BODY, [message("o@x.test", held=True)], NOW)
+        (middle,) = await self.queue.enqueue(BODY, [message("m@x.test", held=True)], NOW + 5)
+        self.assertEqual([m.id for m in await self.queue.held_before(NOW + 5, 10)], [old, middle])
+        self.assertEqual([m.id for m in await self.queue.held_before(NOW + 10, 2)], [old, middle])
+        self.assertEqual([m.id for m in await self.queue.held_before(NOW - 1, 10)], [])
+        self.assertEqual((await self.queue.held_before(NOW + 10, 10))[2].id, young)
+
+    async def test_expire_held_cancels_old_holds_with_events(self) -> None:
+        """expire_held deletes messages held at or before the time (bodies too) with one event each."""
+        (old,) = await self.queue.enqueue(BODY, [message("o@x.test", held=True)], NOW)
+        (young,) = await self.queue.enqueue(BODY, [message("y@x.test", held=True)], NOW + 100)
+        (due,) = await self.queue.enqueue(BODY, [message("d@x.test")], NOW)
+        self.assertEqual(await self.queue.expire_held(NOW + 50, 10, self.cancelled), [old])
+        self.assertEqual(await self.queue.message_fields(old), {})
+        self.assertFalse(await self.exists(self.keys.body(old)))
+        self.assertIsNotNone(await self.queue.held_message(young))
+        self.assertEqual((await self.queue.message_fields(due))["state"], "due")
+        self.assertEqual(
+            (await self.events())[-1], ("message.delivery", {"message_id": old, "status": "HoldCancelled"})
+        )
+        self.assertEqual((await self.queue.stats(NOW)).held, 1)
+
+    async def test_expire_held_respects_limit(self) -> None:
+        """At most ``limit`` messages are expired per call, the longest held first."""
+        ids = [(await self.queue.enqueue(BODY, [message(held=True)], NOW + i))[0] for i in range(5)]
+        self.assertEqual(await self.queue.expire_held(NOW + 10, 2, self.cancelled), ids[:2])
+        self.assertEqual(await self.queue.expire_held(NOW + 10, 2, self.cancelled), ids[2:4])
+        self.assertEqual(await self.queue.expire_held(NOW + 10, 2, self.cancelled), ids[4:])
+        self.assertEqual(await self.queue.expire_held(NOW + 10, 2, self.cancelled), [])
+
+    async def test_expire_held_skips_messages_changed_since_read(self) -> None:
+        """A message released (or held again later) between the read and the cancel is left alone."""
+        (released,) = await self.queue.enqueue(BODY, [message("r@x.test", held=True)], NOW)
+        (rehold,) = await self.queue.enqueue(BODY, [message("h@x.test", held=True)], NOW)
+        (kept,) = await self.queue.enqueue(BODY, [message("k@x.test", held=True)], NOW)
+        stale = await self.queue.held_before(NOW, 10)
+        self.assertTrue(await self.queue.release_held(released, NOW))
+        await self.redis.execute("ZADD", self.keys.held, NOW + 500, rehold)
+        self.patch(self.queue, "held_before", lambda before, limit: succeed(stale))
+        self.assertEqual(await self.queue.expire_held(NOW, 10, self.cancelled), [kept])
+        self.assertEqual((await self.queue.message_fields(released))["state"], "due")
+        self.assertIsNotNone(await self.queue.held_message(rehold))
+        self.assertEqual([data["message_id"] for _, data in (await self.events())[-1:]], [kept])
+
+    async def test_expire_held_clears_ids_without_message(self) -> None:
+        """A held id whose message hash is gone is removed from the held set (with its event)."""
+        await self.redis.execute("ZADD", self.keys.held, NOW, 424242)
+        self.assertEqual(await self.queue.expire_held(NOW, 10, self.cancelled), [424242])
+        self.assertEqual((await self.queue.stats(NOW)).held, 0)

@@ -1,0 +1,150 @@
+"""Held messages: the ``HoldCancelled`` event, and the sweep that expires holds after ``delivery.hold_days``.
+
+A message is held (development-mode server, held credential) until an operator releases it, cancels it,
+or the hold expires. Postal expires holds with a scheduled job (``ExpireHeldMessagesJob``) that calls
+``Message#cancel_hold``, the same method as the "cancel hold" button, so an expired hold and a cancelled one
+look alike in history: a ``HoldCancelled`` delivery with the details Postal gives both (``HOLD_CANCELLED``).
+
+Here the held set in Redis is scored by the time each message was held, so `HoldExpiry` cancels the
+messages held longer than ``hold_seconds`` ago, each with a ``message.delivery`` event the recorder turns
+into that delivery row. Several mtad processes may run the sweep: each message is cancelled once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mtad.events.recorder import MESSAGE_DELIVERY
+from mtad.queue.model import NewEvent, RedisUnavailable
+from mtad.queue.redis_queue import HeldMessage, RedisQueue
+from mtad.store.messages import MessageStatus
+
+#: Postal's details for a cancelled or expired hold (``Postal::MessageDB::Message#cancel_hold``).
+HOLD_CANCELLED = "The hold on this message has been removed without action."
+
+
+def hold_cancelled_event(message: HeldMessage, now: float, details: str = HOLD_CANCELLED) -> NewEvent:
+    """The ``message.delivery`` event of a cancelled hold, as `mtad.events.recorder.parse_delivery` reads it.
+
+    Same fields as the delivery service's events, so webhook consumers see one shape for every status.
+    """
+    data: dict[str, Any] = {
+        "message_id": message.id,
+        "attempt": message.attempts + 1,
+        "status": MessageStatus.HOLD_CANCELLED.value,
+        "code": None,
+        "output": None,
+        "details": details,
+        "sent_with_ssl": False,
+        "log_id": None,
+        "time": None,
+        "timestamp": now,
+        "hold_expiry": None,
+        "server_id": message.server_id,
+        "token": message.token,
+        "scope": message.scope,
+        "mail_from": message.mail_from,
+        "rcpt_to": message.rcpt_to,
+        "enhanced_code": None,
+        "mx": None,
+        "source_ip": None,
+    }
+    return NewEvent(MESSAGE_DELIVERY, data)
+
+
+class HoldExpiry(Service):
+    """Every ``interval`` seconds, cancels the messages held longer than ``hold_seconds`` (HoldCancelled).
+
+    Each sweep works in batches of at most ``batch`` messages (one read and one script call each) until
+    a batch comes back short, so a backlog after downtime clears in one sweep without one huge script
+    holding up Redis. The first sweep runs at start. A failed sweep (Redis restarting) is logged and the
+    next one tries again.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        queue: RedisQueue,
+        hold_seconds: float,
+        interval: float = 60.0,
+        batch: int = 500,
+    ) -> None:
+        if hold_seconds < 0:
+            raise ValueError(f"hold_seconds must not be negative, got {hold_seconds!r}")
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch!r}")
+        self._clock = clock
+        self._queue = queue
+        self.hold_seconds = hold_seconds
+        self.interval = interval
+        self.batch = batch
+        self._call: LoopingCall | None = None
+        self._sweeping: Deferred[None] | None = None
+        self._stopping = False
+
+    async def sweep(self) -> int:
+        """Cancel every message held for longer than ``hold_seconds``; return how many were cancelled."""
+        total = 0
+        while True:
+            now = self._clock.seconds()
+            expired = await self._queue.expire_held(
+                now - self.hold_seconds, self.batch, functools.partial(hold_cancelled_event, now=now)
+            )
+            total += len(expired)
+            if len(expired) < self.batch or self._stopping:
+                break
+        if total:
+            self.log.info(
+                "cancelled {count} held messages whose hold expired (held over {days:g} days)",
+                count=total,
+                days=self.hold_seconds / 86400,
+            )
+        return total
+
+    async def _sweep_logged(self) -> None:
+        try:
+            await self.sweep()
+        except RedisUnavailable as e:
+            self.log.warn("cannot expire held messages ({error}); trying again later", error=str(e))
+        except Exception:
+            self.log.failure("expiring held messages failed; trying again later")
+
+    def _tick(self) -> Deferred[None]:
+        self._sweeping = Deferred.fromCoroutine(self._sweep_logged())
+        return self._sweeping
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._stopping = False
+        call = LoopingCall(self._tick)
+        call.clock = self._clock
+        self._call = call
+        call.start(self.interval, now=True).addErrback(
+            lambda f: self.log.failure("hold expiry stopped unexpectedly", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Stop sweeping; fires once a sweep in progress has finished its batch."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._stopping = True
+        call, self._call = self._call, None
+        if call is not None and call.running:
+            call.stop()
+        sweeping = self._sweeping
+        done: Deferred[None] = Deferred()
+        if sweeping is None or sweeping.called:
+            done.callback(None)
+        else:
+            sweeping.addBoth(lambda _: done.callback(None))
+        return done
