@@ -7,10 +7,59 @@ request to the app owning its path prefix; Klein then sees the full path, as whe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, NoResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
+
+#: Request bodies larger than this are refused unless the site is told otherwise.
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+
+class BoundedRequest(Request):
+    """A request whose body may not exceed ``max_body`` octets: ``413`` and the connection closed.
+
+    Twisted reads the whole body (into a temporary file past 100 kB) before any resource sees it, so an
+    endless chunked body would fill the disk; the bound has to be applied while it arrives.
+    """
+
+    max_body = DEFAULT_MAX_BODY
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._received = 0
+        self._refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+        if length is not None and length > self.max_body:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()  # type: ignore[no-untyped-call]
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport: Any = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(self._reason()), self._reason())
+        )
+        transport.loseConnection()
+
+    def _reason(self) -> bytes:
+        return b"request body larger than %d bytes\n" % self.max_body
 
 
 class PrefixRouter(Resource):
@@ -30,8 +79,14 @@ class PrefixRouter(Resource):
         return NoResource().render(request)  # type: ignore[no-untyped-call,no-any-return]
 
 
-def make_site(routes: Sequence[tuple[bytes, IResource]]) -> Site:
-    """A `Site` serving ``routes`` (path prefix, resource), with no per-request access log noise."""
+def make_site(routes: Sequence[tuple[bytes, IResource]], max_body: int = DEFAULT_MAX_BODY) -> Site:
+    """A `Site` serving ``routes`` (path prefix, resource), refusing bodies over ``max_body`` octets."""
     site = Site(PrefixRouter(routes))  # type: ignore[no-untyped-call]
     site.noisy = False
+
+    class SiteRequest(BoundedRequest):
+        pass
+
+    SiteRequest.max_body = max_body
+    site.requestFactory = SiteRequest
     return site

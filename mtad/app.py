@@ -421,7 +421,8 @@ class MtadService(Service):
             hostname=config.general.hostname,
         )
         site = make_site(
-            [(b"/status", StatusApp(reporter).app.resource()), (b"/api/v1/", legacy.app.resource())]
+            [(b"/status", StatusApp(reporter).app.resource()), (b"/api/v1/", legacy.app.resource())],
+            max_body=legacy.max_request_size,
         )
         for endpoint in config.http.listeners:
             await self._listen(f"http {endpoint}", endpoint, site)
