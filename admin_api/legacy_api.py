@@ -117,6 +117,13 @@ _RAW_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32
 _PARSER = email.parser.BytesParser(policy=email.policy.default)
 
 
+#: Attachment octets up to which a message is built inline; larger ones go to ``in_thread``.
+INLINE_COMPOSE_LIMIT = 256 * 1024
+
+#: Runs a function in a worker thread: ``in_thread(fn)`` fires with ``fn()``'s result.
+InThread = Callable[[Callable[[], bytes]], Awaitable[bytes]]
+
+
 class APIError(Exception):
     """An ``error`` envelope: Postal's ``code`` plus ``message`` and any other data."""
 
@@ -354,7 +361,11 @@ class LegacyAPI:
         cache_seconds: float = 60.0,
         timeout: float = 30.0,
         sender_allowed: Callable[[Server], bool] = _never,
+        in_thread: InThread | None = None,
     ) -> None:
+        """``in_thread`` runs CPU-heavy work (building a message with large attachments) off the reactor
+        thread; without it, that work runs inline."""
+        self.in_thread = in_thread
         self.clock = clock
         self.database = database
         self.acceptor = acceptor
@@ -576,12 +587,15 @@ class LegacyAPI:
                 for a in given.attachments
             ),
         )
-        message = compose(
-            draft,
-            message_id=message_id,
-            timestamp=now,
-            received=received_value(caller.client_ip, self.hostname, now),
-        )
+        received = received_value(caller.client_ip, self.hostname, now)
+        attached = sum(len(a.data) for a in draft.attachments)
+        if self.in_thread is not None and attached > INLINE_COMPOSE_LIMIT:
+            # Encoding megabytes of attachments takes tens of milliseconds per megabyte: not on the reactor.
+            message = await self.in_thread(
+                lambda: compose(draft, message_id=message_id, timestamp=now, received=received)
+            )
+        else:
+            message = compose(draft, message_id=message_id, timestamp=now, received=received)
         recipients = [m.address for m in (*given.to, *given.cc, *given.bcc)]
         mail_from = "" if given.bounce else given.from_.address
         messages = await self._accept(caller, mail_from, recipients, message, tag=given.tag)

@@ -25,7 +25,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -419,6 +419,7 @@ class MtadService(Service):
             sending_domain_check=may_send_from,
             max_message_size=config.smtp.max_message_size,
             hostname=config.general.hostname,
+            in_thread=lambda fn: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn),
         )
         site = make_site(
             [(b"/status", StatusApp(reporter).app.resource()), (b"/api/v1/", legacy.app.resource())],

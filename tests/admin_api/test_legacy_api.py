@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import attrs
 import treq
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
@@ -433,6 +435,30 @@ class SendMessageTests(LegacyAPITestCase):
             attachments,
             [("test1.txt", "text/plain", "hello world 1"), ("test2.txt", "text/plain", "hello world 2")],
         )
+
+    async def test_large_attachments_built_in_a_thread(self) -> None:
+        """A message with over 256 kB of attachments is built by ``in_thread``; small ones inline."""
+        calls: list[int] = []
+
+        async def in_thread(fn: Any) -> bytes:
+            calls.append(1)
+            result: bytes = await deferToThread(fn)
+            return result
+
+        self.use(self.make_api(in_thread=in_thread, max_message_size=1_000_000))
+        small = await self.call(SEND, send_params())
+        self.assertEqual((small["status"], calls), ("success", []))
+        big = send_params()
+        data = os.urandom(300 * 1024)
+        big["attachments"] = [
+            {"name": "big.bin", "content_type": "application/octet-stream", "data": b64(data)}
+        ]
+        envelope = await self.call(SEND, big)
+        self.assertEqual((envelope["status"], calls), ("success", [1]), envelope)
+        message_id = envelope["data"]["messages"]["test@example.com"]["id"]
+        parsed = parse(await self.body_of(message_id))
+        (attachment,) = list(parsed.iter_attachments())
+        self.assertEqual(attachment.get_content(), data)
 
     async def test_nulls_and_empty_arrays(self) -> None:
         """JSON nulls and empty arrays are simply absent: only To and a plain body are needed."""
