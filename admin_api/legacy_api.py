@@ -266,7 +266,7 @@ def message_data(message: Message, wanted: frozenset[str], raw: bytes | None) ->
             "bounce": False,
             "bounce_for_id": 0,
             "tag": message.tag,
-            "received_with_ssl": None,
+            "received_with_ssl": message.received_with_ssl,
         }
     if "inspection" in wanted:
         # No spam or threat inspection yet: Postal's values for an uninspected message.
@@ -656,6 +656,8 @@ class LegacyAPI:
                 message,
                 hold_reason=CREDENTIAL_HOLD if caller.credential.hold else None,
                 tag=tag,
+                # As Postal records every message sent through its API.
+                received_with_ssl=True,
             )
         except ServerSuspended:
             raise APIError("ServerSuspended", "The mail server has been suspended") from None

@@ -152,6 +152,7 @@ class Acceptor:
         *,
         hold_reason: str | None = None,
         tag: str | None = None,
+        received_with_ssl: bool = False,
     ) -> list[AcceptedMessage]:
         """Queue ``message`` once for each of ``rcpt_to``; the messages are durable when this returns.
 
@@ -176,7 +177,12 @@ class Acceptor:
             fields["tag"] = tag
         if hold_reason:
             fields["hold_reason"] = hold_reason
-        event = {"subject": headers.subject, "message_id": headers.message_id, "tag": tag or None}
+        event = {
+            "subject": headers.subject,
+            "message_id": headers.message_id,
+            "tag": tag or None,
+            "received_with_ssl": received_with_ssl,
+        }
         new = [
             NewMessage(
                 token=new_token(),

@@ -158,7 +158,13 @@ class AcceptTests(RedisTestCase):
     async def test_queued_events_feed_the_recorder(self) -> None:
         """Each message has a message.queued event the recorder parses, with decoded subject and size."""
         accepted = await self.acceptor.accept(
-            make_server(), "outgoing", "", ["a@x.test", "b@x.test"], MESSAGE, tag="welcome"
+            make_server(),
+            "outgoing",
+            "",
+            ["a@x.test", "b@x.test"],
+            MESSAGE,
+            tag="welcome",
+            received_with_ssl=True,
         )
         events = await self.events()
         self.assertEqual([e.type for e in events], ["message.queued"] * 2)
@@ -170,6 +176,7 @@ class AcceptTests(RedisTestCase):
             self.assertEqual(row.message_id, "unique.1@example.test")
             self.assertEqual(row.tag, "welcome")
             self.assertEqual(row.size, len(MESSAGE))
+            self.assertTrue(row.received_with_ssl)
             self.assertEqual(row.timestamp, NOW)
             self.assertEqual(row.scope, Scope.OUTGOING)
             self.assertEqual(row.mail_from, "")

@@ -118,6 +118,7 @@ def parse_queued(event: Event) -> Message:
         last_delivery_attempt=None,
         tag=_optional(data, "tag", str),
         timestamp=_number(data, "timestamp"),
+        received_with_ssl=bool(_optional(data, "received_with_ssl", bool)),
     )
 
 

@@ -22,6 +22,8 @@ messages again. A delivery that outlives half its lease extends it.
 
 from __future__ import annotations
 
+import secrets
+import string
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -105,6 +107,14 @@ def internal_error_outcome(messages: Sequence[OutgoingMessage], failure: Failure
         None,
     )
     return BatchOutcome(tuple(RecipientResult(m, r, result) for m in messages for r in m.recipients))
+
+
+def new_log_id() -> str:
+    """An id for one delivery attempt's log lines, in the form of Postal's (eight capitals and digits)."""
+    return "".join(secrets.choice(_LOG_ID_ALPHABET) for _ in range(8))
+
+
+_LOG_ID_ALPHABET = string.ascii_uppercase + string.digits
 
 
 def recipient_domain(rcpt_to: str) -> str:
@@ -582,7 +592,8 @@ class DeliveryService(Service):
             "output": (result.output or None) if result is not None else None,
             "details": details,
             "sent_with_ssl": result.sent_with_ssl if result is not None else False,
-            "log_id": None,
+            # Postal gives every delivery attempt a log id; its clients expect a string.
+            "log_id": new_log_id(),
             "time": result.time if result is not None else None,
             "timestamp": now,
             "hold_expiry": hold_expiry,

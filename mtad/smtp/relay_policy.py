@@ -234,6 +234,7 @@ class RelayPolicy:
                 envelope.rcpt_to,
                 message,
                 hold_reason=CREDENTIAL_HOLD if credential.hold else None,
+                received_with_ssl=session.tls,
             )
         except ServerSuspended:
             return SERVER_SUSPENDED

@@ -57,6 +57,8 @@ class Message:
     tag: str | None
     #: When the message was accepted.
     timestamp: float
+    #: Whether it reached us over TLS (always true for the HTTP API, as in Postal).
+    received_with_ssl: bool = False
 
 
 @attrs.frozen
@@ -117,6 +119,7 @@ def record_messages(conn: Connection, new_messages: list[Message], now: float) -
                 "last_delivery_attempt": m.last_delivery_attempt,
                 "tag": m.tag,
                 "timestamp": m.timestamp,
+                "received_with_ssl": m.received_with_ssl,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -208,6 +211,7 @@ def _message_from_row(row: sa.Row[*tuple[Any, ...]]) -> Message:
         last_delivery_attempt=row.last_delivery_attempt,
         tag=row.tag,
         timestamp=row.timestamp,
+        received_with_ssl=bool(row.received_with_ssl),
     )
 
 

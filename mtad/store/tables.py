@@ -124,6 +124,8 @@ messages = sa.Table(
     sa.Column("timestamp", Timestamp, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
+    # Whether the message came to us over TLS (SMTP STARTTLS/implicit TLS; always true for the API).
+    sa.Column("received_with_ssl", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Index(None, "server_id", "timestamp"),
     **TABLE_OPTIONS,
 )

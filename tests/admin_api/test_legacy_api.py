@@ -991,7 +991,7 @@ class MessagesTests(LegacyAPITestCase):
                     "bounce": False,
                     "bounce_for_id": 0,
                     "tag": "t",
-                    "received_with_ssl": None,
+                    "received_with_ssl": False,
                 },
                 "inspection": {
                     "inspected": False,

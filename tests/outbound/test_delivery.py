@@ -260,6 +260,7 @@ class SettleTests(ServiceTestCase):
                 )
             ],
         )
+        self.assertRegex(data.pop("log_id"), r"^[A-Z0-9]{8}$")
         self.assertEqual(
             data,
             {
@@ -270,7 +271,6 @@ class SettleTests(ServiceTestCase):
                 "output": "250 2.0.0 Queued as 1234",
                 "details": "Message for a@example.test accepted by mx1.example.test (127.0.0.2)",
                 "sent_with_ssl": True,
-                "log_id": None,
                 "time": 0.25,
                 "timestamp": NOW,
                 "hold_expiry": None,
