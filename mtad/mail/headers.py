@@ -5,6 +5,8 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import email.utils
+from collections.abc import Collection
+from email.header import decode_header, make_header
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.default)
 _RAW_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -40,7 +42,46 @@ def header_addresses(message: bytes, name: str) -> list[str]:
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the (last) From address, lower-cased: the domain a message is DKIM-signed for."""
-    addresses = header_addresses(message, "From")
-    if not addresses or "@" not in addresses[-1]:
+    values = read_fields(header_section(message), (b"from",)).get(b"from")
+    if not values:
         return None
-    return addresses[-1].rpartition("@")[2].strip().lower() or None
+    addresses = email.utils.getaddresses([decode_value(values[0])])
+    address = addresses[-1][1] if addresses else ""
+    if "@" not in address:
+        return None
+    return address.rpartition("@")[2].strip().lower() or None
+
+
+def read_fields(section: bytes, wanted: Collection[bytes]) -> dict[bytes, list[bytes]]:
+    """The raw values of the ``wanted`` fields (lower-case names), unfolded (RFC 5322 §2.2.3), in order.
+
+    A scan of our own rather than the stdlib ``email`` parser: it runs on every accepted and every
+    delivered message, and profiling the benchmarks put the stdlib parser at a tenth of the CPU time.
+    """
+    found: dict[bytes, list[bytes]] = {}
+    current: list[bytes] | None = None
+    for line in section.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current[-1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        key = name.strip().lower()
+        if colon and key in wanted:
+            current = found.setdefault(key, [])
+            current.append(value)
+        else:
+            current = None
+    return found
+
+
+def decode_value(value: bytes) -> str:
+    """A field value as Unicode: RFC 6532 UTF-8 as is, RFC 2047 encoded words decoded."""
+    text = " ".join(value.decode("utf-8", "replace").split())
+    if "=?" in text:
+        try:
+            text = str(make_header(decode_header(text)))
+        except Exception:  # a malformed encoded word: keep the text as it came
+            pass
+    return text
