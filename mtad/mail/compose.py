@@ -20,6 +20,7 @@ import email.utils
 import re
 import uuid
 from collections.abc import Sequence
+from email.contentmanager import _encode_text  # type: ignore[attr-defined]
 from email.header import Header
 from email.message import MIMEPart
 
@@ -265,6 +266,32 @@ def _body(draft: Draft) -> MIMEPart:
     return part
 
 
+def _single_text_part(text: str, subtype: str) -> bytes:
+    """What ``MIMEPart.set_content(text, subtype, charset="utf-8").as_bytes()`` writes, without the
+    MIMEPart: the same transfer-encoding choice (the stdlib's own heuristic), at a fraction of the cost.
+
+    Building the part through ``email.message`` was a quarter of the send API's CPU time in the HTTP
+    benchmark; the common message (one text body, no attachments) takes this path.
+    """
+    cte: str
+    data: str
+    cte, data = _encode_text(text, "utf-8", None, _POLICY)
+    body = data.replace("\r\n", "\n").replace("\n", "\r\n")
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
+    return (head + body).encode("ascii")
+
+
+def _body_bytes(draft: Draft) -> bytes:
+    plain = draft.plain_body if draft.plain_body and draft.plain_body.strip() else None
+    html = draft.html_body if draft.html_body and draft.html_body.strip() else None
+    if not draft.attachments and (plain is None or html is None):
+        if plain is not None:
+            return _single_text_part(clean_text(plain), "plain")
+        if html is not None:
+            return _single_text_part(clean_text(html), "html")
+    return _body(draft).as_bytes(policy=_POLICY)
+
+
 def compose(draft: Draft, *, message_id: str, timestamp: float, received: str | None = None) -> bytes:
     """The message for ``draft`` with CRLF line ends, ready to queue.
 
@@ -304,4 +331,4 @@ def compose(draft: Draft, *, message_id: str, timestamp: float, received: str | 
         fields.append(unstructured_field(name, value))
     fields.append("MIME-Version: 1.0")
     head = "".join(f"{field}\r\n" for field in fields).encode("utf-8")
-    return head + _body(draft).as_bytes(policy=_POLICY)
+    return head + _body_bytes(draft)

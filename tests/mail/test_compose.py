@@ -10,11 +10,15 @@ from email.message import EmailMessage
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtad.mail.compose import (
+    _POLICY,
     Attachment,
     Draft,
     Mailbox,
+    _body,
+    _single_text_part,
     address_field,
     address_problem,
+    clean_text,
     compose,
     format_date,
     parse_mailbox,
@@ -333,3 +337,35 @@ class AddressTests(SynchronousTestCase):
     def test_single_line(self) -> None:
         """Every control character but TAB becomes a space."""
         self.assertEqual(single_line("a\r\nb\tc\x00d\x7fe\x85f"), "a  b\tc d e f")
+
+
+class SingleTextPartTests(SynchronousTestCase):
+    """The fast path for one text body writes exactly what the stdlib MIMEPart path writes."""
+
+    TEXTS = (
+        "",
+        "hello",
+        "hello\nworld\n",
+        "line with trailing space \nand tab\t\n",
+        "x" * 77,
+        "x" * 78,
+        "x" * 79 + "\n" + "y" * 200,
+        "Grüße aus Köln 🎉\n" * 3,
+        "Grüße\n" * 12,
+        "日本語のテキスト" * 40,
+        "日本語\n" * 15,
+        ".leading dot\nFrom the start\n",
+        "\n\n\nblank lines first",
+        "mixed\r\nline\rends\n",
+    )
+
+    def test_same_bytes_as_the_stdlib(self) -> None:
+        """For plain and HTML bodies of every shape, the fast path's bytes equal MIMEPart's."""
+        for text in self.TEXTS:
+            for field in ("plain_body", "html_body"):
+                draft = Draft(from_=Mailbox("a@b.test", ""), **{field: text})
+                subtype = "plain" if field == "plain_body" else "html"
+                if not text.strip():
+                    continue
+                expected = _body(draft).as_bytes(policy=_POLICY)
+                self.assertEqual(_single_text_part(clean_text(text), subtype), expected, (field, text))
