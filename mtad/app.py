@@ -280,7 +280,12 @@ class MtadService(Service):
         )
         try:
             assert self.database is not None
-            signer = MessageSigner(self.database, self._reactor, fallback=self._installation_key())
+            signer = MessageSigner(
+                self.database,
+                self._reactor,
+                fallback=self._installation_key(),
+                in_thread=lambda fn: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn),
+            )
             return DeliveryService(
                 self._reactor, queue, deliverer, pools, settings, self.owner, sign=signer.sign
             )

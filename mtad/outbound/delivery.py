@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -107,6 +107,10 @@ def internal_error_outcome(messages: Sequence[OutgoingMessage], failure: Failure
         None,
     )
     return BatchOutcome(tuple(RecipientResult(m, r, result) for m in messages for r in m.recipients))
+
+
+async def _call(sign: BodySigner, server_id: int, message_id: int, body: bytes) -> bytes:
+    return await sign(server_id, message_id, body)
 
 
 def new_log_id() -> str:
@@ -386,17 +390,28 @@ class DeliveryService(Service):
         await self._settle_outcome(domain, messages, outcome)
 
     async def _signed(self, messages: Sequence[ClaimedMessage]) -> list[OutgoingMessage]:
-        """The messages with their bodies DKIM-signed; a body shared by several recipients is signed once."""
-        assert self._sign is not None
-        signed: dict[tuple[int, int], bytes] = {}
-        outgoing = []
+        """The messages with their bodies DKIM-signed; a body shared by several recipients is signed once.
+
+        The distinct bodies are signed concurrently, so a signer working in threads uses both cores.
+        """
+        sign = self._sign
+        assert sign is not None
+        firsts: dict[tuple[int, int], ClaimedMessage] = {}
         for m in messages:
-            key = (id(m.body), m.server_id)
-            body = signed.get(key)
-            if body is None:
-                body = signed[key] = await self._sign(m.server_id, m.id, m.body)
-            outgoing.append(OutgoingMessage(str(m.id), m.mail_from, (m.rcpt_to,), body))
-        return outgoing
+            firsts.setdefault((id(m.body), m.server_id), m)
+        keys = list(firsts)
+        try:
+            bodies = await gatherResults(
+                [Deferred.fromCoroutine(_call(sign, m.server_id, m.id, m.body)) for m in firsts.values()],
+                consumeErrors=True,
+            )
+        except FirstError as e:
+            raise e.subFailure.value from None  # type: ignore[union-attr,misc]
+        signed = dict(zip(keys, bodies, strict=True))
+        return [
+            OutgoingMessage(str(m.id), m.mail_from, (m.rcpt_to,), signed[(id(m.body), m.server_id)])
+            for m in messages
+        ]
 
     async def _settle_outcome(
         self, domain: str, messages: list[ClaimedMessage], outcome: BatchOutcome

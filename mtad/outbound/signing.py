@@ -8,7 +8,7 @@ query; the RSA signature itself costs about 0.3 ms per message (see `mtad.mail.d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.engine import Connection
 from twisted.internet.interfaces import IReactorTime
@@ -42,6 +42,10 @@ def keys_for(conn: Connection, server_id: int, domain: str) -> tuple[DKIMKey, ..
     )
 
 
+#: Runs a function in a worker thread: ``in_thread(fn)`` fires with ``fn()``'s result.
+InThread = Callable[[Callable[[], bytes]], Awaitable[bytes]]
+
+
 class MessageSigner:
     """Signs a message body for its server with the keys of its From domain; unsigned if it has none."""
 
@@ -54,10 +58,14 @@ class MessageSigner:
         signer: DKIMSigner | None = None,
         cache_seconds: float = 60.0,
         fallback: DKIMKey | None = None,
+        in_thread: InThread | None = None,
     ) -> None:
         """``fallback`` (the installation key) signs mail whose From domain has no key of its own, so every
         message carries a signature a receiver can verify, aligned or not (Postal does the same)."""
         self._fallback = fallback
+        # OpenSSL releases the GIL while it signs: in a worker thread, a batch of 100 messages (33 ms of
+        # RSA) neither stalls the reactor nor waits for it, and uses the second core.
+        self._in_thread = in_thread
         self._database = database
         self._clock = clock
         self._signer = signer if signer is not None else DKIMSigner()
@@ -89,8 +97,12 @@ class MessageSigner:
             if self._fallback is None:
                 return body
             keys = (self._fallback,)
+        now = self._clock.seconds()
+        chosen = tuple(keys)
         try:
-            return self._signer.sign(body, keys, now=self._clock.seconds())
+            if self._in_thread is not None:
+                return await self._in_thread(lambda: self._signer.sign(body, chosen, now=now))
+            return self._signer.sign(body, chosen, now=now)
         except (UnsignableMessageError, DKIMKeyError) as e:
             self.log.warn(
                 "message {message_id} from {domain} sent unsigned: {error}",

@@ -166,7 +166,12 @@ class ServiceTestCase(RedisTestCase):
         self.clock.advance(NOW)
 
     def start(
-        self, deliverer: Any, queue: RedisQueue | None = None, clock: Any = None, **settings: Any
+        self,
+        deliverer: Any,
+        queue: RedisQueue | None = None,
+        clock: Any = None,
+        sign: Any = None,
+        **settings: Any,
     ) -> DeliveryService:
         service = DeliveryService(
             clock if clock is not None else self.clock,
@@ -175,6 +180,7 @@ class ServiceTestCase(RedisTestCase):
             POOLS,
             DeliverySettings(**settings),
             "test-worker",
+            sign=sign,
         )
         service.startService()
         self.addCleanup(lambda: Deferred.fromCoroutine(self.stop(service)))
@@ -287,6 +293,36 @@ class SettleTests(ServiceTestCase):
         attempt = parse_delivery(Event("1-0", MESSAGE_DELIVERY, data))
         self.assertEqual((attempt.status, attempt.attempt, attempt.code), (MessageStatus.SENT, 1, 250))
         await true(lambda: service.in_flight == 0)
+
+    async def test_shared_body_signed_once(self) -> None:
+        """Recipients sharing one stored body get one signing call; every copy goes out signed."""
+        await self.enqueue("a@example.test", "b@example.test")
+        calls: list[tuple[int, int]] = []
+
+        async def sign(server_id: int, message_id: int, body: bytes) -> bytes:
+            calls.append((server_id, message_id))
+            return b"DKIM-Signature: test\r\n" + body
+
+        deliverer = FakeDeliverer(every(SENT))
+        self.start(deliverer, sign=sign)
+        await self.wait_for_deliveries(2)
+        (_, messages, _) = deliverer.calls[0]
+        self.assertEqual({m.body for m in messages}, {b"DKIM-Signature: test\r\n" + BODY})
+        self.assertEqual(len(messages), 2)
+        self.assertEqual(len(calls), 1)
+
+    async def test_signing_failure_is_a_counted_soft_failure(self) -> None:
+        """A signer that fails (database down) leaves the message SoftFail, retried on the schedule."""
+        await self.enqueue("a@example.test")
+
+        async def sign(server_id: int, message_id: int, body: bytes) -> bytes:
+            raise Boom("database is down")
+
+        self.start(FakeDeliverer(every(SENT)), sign=sign)
+        (data,) = await self.wait_for_deliveries(1)
+        self.assertEqual(data["status"], "SoftFail")
+        self.assertIn("Boom: database is down", data["details"])
+        self.assertEqual(len(self.flushLoggedErrors(Boom)), 1)
 
     async def test_hard_fail_is_acked(self) -> None:
         """A 5xx result deletes the message with a HardFail event carrying the remote reply."""

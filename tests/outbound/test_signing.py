@@ -8,6 +8,7 @@ from typing import Any
 
 import dkim
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 
 from mtad.mail.dkim import DKIMKey
@@ -103,3 +104,18 @@ class SigningTests(DatabaseTestCase):
         self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
         own = await signer.sign(self.server_id, 2, BODY)
         self.assertIn(b"d=sender.test;", own.split(b"\r\n\r\n")[0])
+
+    async def test_signing_in_a_thread(self) -> None:
+        """With in_thread, the RSA work runs through it and the signature still verifies."""
+        ran: list[int] = []
+
+        async def in_thread(fn: Any) -> bytes:
+            ran.append(1)
+            result: bytes = await deferToThread(fn)
+            return result
+
+        signer = MessageSigner(self.database, self.clock, in_thread=in_thread)
+        signed = await signer.sign(self.server_id, 1, BODY)
+        records = self.records()
+        self.assertEqual(ran, [1])
+        self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
