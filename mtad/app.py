@@ -35,7 +35,7 @@ from admin_api.site import make_site
 from admin_api.status import StatusApp
 from mtad.accept import Acceptor
 from mtad.config import Config
-from mtad.domains.dns_check import DomainDNSChecker, domain_settings
+from mtad.domains.dns_check import DomainDNSChecker
 from mtad.events.recorder import Recorder
 from mtad.mail.dkim import DKIMKey
 from mtad.mail.dkim_keys import RSA, dkim_txt_value, load_or_create_key
@@ -165,7 +165,7 @@ class MtadService(Service):
                 self.database,
                 resolver,
                 self._reactor,
-                domain_settings(config.domains),
+                config.domains,
                 poll_interval=config.domains.check_poll_interval,
             )
             checker.startService()

@@ -6,8 +6,8 @@ command that makes them, and never again: only their hashes are stored.
 
 The held-message commands (``release-held``, ``cancel-held``) also reach the queue in Redis: ``redis.url``,
 or the embedded Redis's socket in ``data_dir``, which exists only while the daemon runs. They run Twisted's
-reactor in this process for the duration of the command (`run_on_reactor`); the command line process is
-not the daemon, so nothing else waits on that reactor.
+reactor in this process for the duration of the command (`reactor_runner`, given the global reactor by
+`mtad.tap.cli`); the command line process is not the daemon, so nothing else waits on that reactor.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from mtad.config import Config, ConfigError, load_config
 from mtad.domains import dns_check
-from mtad.domains.dns_check import BlockingResolver, domain_settings, run_blocking
+from mtad.domains.dns_check import BlockingResolver, run_blocking
 from mtad.mail.dkim_keys import ED25519, RSA
 from mtad.outbound.holds import hold_cancelled_event
 from mtad.outbound.mx import parse_nameservers
@@ -80,37 +80,42 @@ class AsyncRunner(Protocol):
     def __call__(self, work: Callable[[Any], Coroutine[Any, Any, T]], /) -> T: ...
 
 
-def run_on_reactor(work: Callable[[Any], Coroutine[Any, Any, T]], /) -> T:
-    """Run ``work(reactor)`` on Twisted's global reactor, in this command line process, and return its result.
+def reactor_runner(reactor: Any) -> AsyncRunner:
+    """An `AsyncRunner` that runs ``work(reactor)`` on ``reactor`` in this command line process.
 
     The reactor runs until ``work`` is done and is then stopped; a reactor cannot be started twice, so
-    this runs once per process (one command). Only the ``mtad`` command line uses it, never the daemon
-    (txredisapi schedules on the global reactor, so the queue cannot run on a private one). Ctrl-C stops
-    the reactor and the command fails with "interrupted".
+    this runs once per process (one command). The reactor is the global one, given by `mtad.tap.cli`
+    (txredisapi schedules on it, so the queue cannot run on a private one); the daemon never uses this.
+    Ctrl-C stops the reactor and the command fails with "interrupted".
     """
-    from twisted.internet import reactor as global_reactor
 
-    reactor: Any = global_reactor
-    outcome: list[Any] = []
+    def run(work: Callable[[Any], Coroutine[Any, Any, T]], /) -> T:
+        outcome: list[Any] = []
 
-    def stop(_: object) -> None:
-        try:
-            reactor.stop()
-        except ReactorNotRunning:
-            pass  # Ctrl-C got there first.
+        def stop(_: object) -> None:
+            try:
+                reactor.stop()
+            except ReactorNotRunning:
+                pass  # Ctrl-C got there first.
 
-    def start() -> None:
-        d: Deferred[T] = Deferred.fromCoroutine(work(reactor))
-        d.addBoth(outcome.append).addBoth(stop)
+        def start() -> None:
+            d: Deferred[T] = Deferred.fromCoroutine(work(reactor))
+            d.addBoth(outcome.append).addBoth(stop)
 
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if not outcome:
-        raise CommandError("interrupted")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result  # type: ignore[no-any-return]
+        reactor.callWhenRunning(start)
+        reactor.run()
+        if not outcome:
+            raise CommandError("interrupted")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[no-any-return]
+
+    return run
+
+
+def _no_reactor(work: Callable[[Any], Coroutine[Any, Any, T]], /) -> T:
+    raise CommandError("this command needs a reactor: run it as the `mtad` command (mtad.tap:cli)")
 
 
 def queue_location(config: Config) -> tuple[str, str | None]:
@@ -136,14 +141,14 @@ class _Commands:
         self,
         config: Config,
         out: TextIO,
-        run_async: AsyncRunner = run_on_reactor,
+        run_async: AsyncRunner = _no_reactor,
         queue_keys: QueueKeys | None = None,
     ) -> None:
         self.config = config
         self.url = config.database_url
         self.out = out
         self._engine: Engine | None = None
-        self.domain_settings = domain_settings(config.domains)
+        self.domain_settings = config.domains
         self.run_async = run_async
         self.queue_keys = queue_keys if queue_keys is not None else QueueKeys()
 
@@ -806,12 +811,13 @@ def main(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
     *,
-    run_async: AsyncRunner = run_on_reactor,
+    run_async: AsyncRunner = _no_reactor,
     queue_keys: QueueKeys | None = None,
 ) -> int:
     """Run one ``mtad`` command; return the exit status (0 success, 1 failure, 2 usage error).
 
-    ``run_async`` runs the commands' Redis work (tests run it on trial's reactor from a thread);
+    ``run_async`` runs the commands' Redis work: `mtad.tap.cli` gives one on the global reactor, tests
+    run it on trial's reactor from a thread;
     ``queue_keys`` is the queue's key prefix (tests use a fresh one).
     """
     out = stdout if stdout is not None else sys.stdout

@@ -1,4 +1,4 @@
-"""``twistd mtad``: command-line options and the service maker.
+"""``twistd mtad``: command-line options and the service maker; and the ``mtad`` command's entry point.
 
 This is the only module that imports the global reactor; everything below receives it as an argument.
 """
@@ -31,3 +31,12 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mtad: {e}\n")
         raise SystemExit(2) from e
     return MtadService(config, reactor)
+
+
+def cli() -> int:
+    """The ``mtad`` operator command (console script), with the global reactor for its Redis work."""
+    from twisted.internet import reactor
+
+    from mtad.cli import main, reactor_runner
+
+    return main(run_async=reactor_runner(reactor))

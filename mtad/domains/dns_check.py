@@ -56,33 +56,6 @@ T = TypeVar("T")
 
 
 @attrs.frozen
-class DomainSettings:
-    """The installation's names that domains point at, and how domains are keyed and checked.
-
-    Defaults are Postal's (``dns.*`` in postal.yml) except ``rsa_bits`` (Postal: 1024).
-    """
-
-    #: SPF records must ``include:`` this name (Postal ``dns.spf_include``).
-    spf_include: str = "spf.postal.example.com"
-    #: Return-path CNAMEs point here (Postal ``dns.return_path_domain``).
-    return_path_domain: str = "rp.postal.example.com"
-    #: The return-path CNAME is ``<prefix>.<domain>`` (Postal ``dns.custom_return_path_prefix``).
-    return_path_prefix: str = "psrp"
-    #: MX hosts for inbound mail to the domain (Postal ``dns.mx_records``).
-    mx_records: tuple[str, ...] = ("mx1.postal.example.com", "mx2.postal.example.com")
-    #: Preference published with each MX host.
-    mx_priority: int = 10
-    #: The verification TXT record is ``<prefix> <token>`` (Postal ``dns.domain_verify_prefix``).
-    verification_prefix: str = "postal-verification"
-    #: DKIM selectors are ``<prefix>-xxxxxx`` (Postal ``dns.dkim_identifier``).
-    selector_prefix: str = "postal"
-    #: Size of new RSA DKIM keys (RFC 8301 §3.2: at least 2048 recommended).
-    rsa_bits: int = 2048
-    #: Seconds between the periodic DNS checks of each domain (Postal: hourly).
-    check_interval: float = 3600.0
-
-
-@attrs.frozen
 class DNSRecord:
     """One record a domain's owner must publish."""
 
@@ -110,11 +83,11 @@ def _zone_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def verification_value(domain: Domain, settings: DomainSettings) -> str:
+def verification_value(domain: Domain, settings: DomainsConfig) -> str:
     return f"{settings.verification_prefix} {domain.verification_token}"
 
 
-def spf_value(settings: DomainSettings) -> str:
+def spf_value(settings: DomainsConfig) -> str:
     """Postal's suggested SPF record."""
     return f"v=spf1 a mx include:{settings.spf_include} ~all"
 
@@ -123,13 +96,11 @@ def dkim_record_name(domain: Domain, key: DomainKey) -> str:
     return f"{key.selector}._domainkey.{domain.name}"
 
 
-def return_path_name(domain: Domain, settings: DomainSettings) -> str:
+def return_path_name(domain: Domain, settings: DomainsConfig) -> str:
     return f"{settings.return_path_prefix}.{domain.name}"
 
 
-def records_to_publish(
-    domain: Domain, keys: Sequence[DomainKey], settings: DomainSettings
-) -> list[DNSRecord]:
+def records_to_publish(domain: Domain, keys: Sequence[DomainKey], settings: DomainsConfig) -> list[DNSRecord]:
     """Every record the domain needs: verification, SPF, one DKIM record per key that is active or waiting
     to be (retired keys' records may go once mail signed with them has been delivered), return path, MX."""
     records = [
@@ -220,7 +191,7 @@ def _sentence(words: Sequence[str]) -> str:
     return f"{', '.join(words[:-1])}, and {words[-1]}"
 
 
-async def check_verification(resolver: DNSQuerier, domain: Domain, settings: DomainSettings) -> RecordCheck:
+async def check_verification(resolver: DNSQuerier, domain: Domain, settings: DomainsConfig) -> RecordCheck:
     """``OK`` if the verification TXT record is at the domain; ``Missing`` saying what to publish if not."""
     expected = verification_value(domain, settings)
     try:
@@ -235,7 +206,7 @@ async def check_verification(resolver: DNSQuerier, domain: Domain, settings: Dom
 _SPF_VERSION = re.compile(r"v=spf1(\s|$)", re.IGNORECASE)
 
 
-async def check_spf(resolver: DNSQuerier, domain: Domain, settings: DomainSettings) -> RecordCheck:
+async def check_spf(resolver: DNSQuerier, domain: Domain, settings: DomainsConfig) -> RecordCheck:
     try:
         records = await txt_records(resolver, domain.name)
     except _LookupFailed as e:
@@ -286,7 +257,7 @@ def _dkim_summary(checks: Sequence[RecordCheck]) -> RecordCheck:
     return RecordCheck(OK)
 
 
-async def check_mx(resolver: DNSQuerier, domain: Domain, settings: DomainSettings) -> RecordCheck:
+async def check_mx(resolver: DNSQuerier, domain: Domain, settings: DomainsConfig) -> RecordCheck:
     try:
         hosts = await mx_hosts(resolver, domain.name)
     except _LookupFailed as e:
@@ -302,7 +273,7 @@ async def check_mx(resolver: DNSQuerier, domain: Domain, settings: DomainSetting
     return RecordCheck(INVALID, f"MX {noun} for {_sentence(missing)} are missing and are required.")
 
 
-async def check_return_path(resolver: DNSQuerier, domain: Domain, settings: DomainSettings) -> RecordCheck:
+async def check_return_path(resolver: DNSQuerier, domain: Domain, settings: DomainsConfig) -> RecordCheck:
     name = return_path_name(domain, settings)
     try:
         targets = await cname_targets(resolver, name)
@@ -320,7 +291,7 @@ async def check_return_path(resolver: DNSQuerier, domain: Domain, settings: Doma
 
 
 async def check_domain(
-    resolver: DNSQuerier, domain: Domain, keys: Sequence[DomainKey], settings: DomainSettings
+    resolver: DNSQuerier, domain: Domain, keys: Sequence[DomainKey], settings: DomainsConfig
 ) -> DNSCheck:
     """Check every record of ``domain``: SPF, each non-retired key's DKIM record, MX and return path.
 
@@ -405,7 +376,7 @@ class DomainDNSChecker(Service):
         db: UnitOfWork,
         resolver: DNSQuerier,
         clock: IReactorTime,
-        settings: DomainSettings = DomainSettings(),
+        settings: DomainsConfig,
         *,
         poll_interval: float = 300.0,
         batch_size: int = 100,
@@ -492,9 +463,3 @@ class DomainDNSChecker(Service):
             if automatic and self._on_dns_error is not None:
                 self._on_dns_error(stored)
         return stored
-
-
-def domain_settings(config: DomainsConfig) -> DomainSettings:
-    """The ``[domains]`` section as the domain code takes it."""
-    names = [field.name for field in attrs.fields(DomainSettings)]
-    return DomainSettings(**{name: getattr(config, name) for name in names})

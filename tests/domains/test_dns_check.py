@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mtad.config import DomainsConfig
 from mtad.domains.dns_check import (
     BlockingResolver,
     DomainDNSChecker,
-    DomainSettings,
     check_dkim_key,
     check_domain,
     check_mx,
@@ -50,7 +50,7 @@ from tools.fakedns import FakeDNS, start_fake_dns
 reactor: Any = _reactor
 
 NOW = 1_700_000_000.0
-SETTINGS = DomainSettings()
+SETTINGS = DomainsConfig()
 TOKEN = "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
 
 
@@ -225,7 +225,7 @@ class DNSCheckTests(TestCase):
             await check_mx(self.resolver, self.domain, SETTINGS),
             RecordCheck(MISSING, "There are no MX records for example.com"),
         )
-        three = DomainSettings(
+        three = DomainsConfig(
             mx_records=("a.mx.example", "b.mx.example", "c.mx.example", "mx.elsewhere.example")
         )
         self.zone["example.com"]["MX"] = [[5, "mx.elsewhere.example"]]
@@ -344,7 +344,7 @@ class CheckerServiceTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(NOW)
         checker = DomainDNSChecker(
-            store.db, resolver, clock, DomainSettings(check_interval=600), poll_interval=60
+            store.db, resolver, clock, DomainsConfig(check_interval=600), poll_interval=60
         )
         checker.startService()
         self.assertEqual(resolver.queries, [])
@@ -369,7 +369,7 @@ class CheckerServiceTests(SynchronousTestCase):
 
                 return fail(RuntimeError("database is down"))
 
-        checker = DomainDNSChecker(Broken(), resolver, clock, poll_interval=60)
+        checker = DomainDNSChecker(Broken(), resolver, clock, SETTINGS, poll_interval=60)
         checker.startService()
         clock.advance(60)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
