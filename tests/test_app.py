@@ -14,6 +14,7 @@ from mtad.config import parse_config
 from mtad.outbound.mx import parse_nameservers
 from tests.redis_server import real_reactor
 from tests.store.support import SQLITE, fresh_database_url
+from tests.test_accept import closed_port
 
 
 class StartupTests(unittest.TestCase):
@@ -61,11 +62,8 @@ class StartupTests(unittest.TestCase):
 
     async def test_unreachable_redis_names_the_key(self) -> None:
         """An external Redis that does not answer stops start-up with an error naming redis.url."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         _, error = await self.failed_start(
-            self.config(redis={"url": f"redis://127.0.0.1:{port}/0", "timeout": 0.5})
+            self.config(redis={"url": f"redis://127.0.0.1:{closed_port()}/0", "timeout": 0.5})
         )
         self.assertIn("redis.url", str(error))
 

@@ -109,6 +109,10 @@ def internal_error_outcome(messages: Sequence[OutgoingMessage], failure: Failure
     return BatchOutcome(tuple(RecipientResult(m, r, result) for m in messages for r in m.recipients))
 
 
+def _unsigned(messages: Sequence[ClaimedMessage]) -> list[OutgoingMessage]:
+    return [OutgoingMessage(str(m.id), m.mail_from, (m.rcpt_to,), m.body) for m in messages]
+
+
 async def _call(sign: BodySigner, server_id: int, message_id: int, body: bytes) -> bytes:
     return await sign(server_id, message_id, body)
 
@@ -359,15 +363,13 @@ class DeliveryService(Service):
         if not domain:
             await self._settle_each(messages, self._no_domain)
             return
-        outgoing = [OutgoingMessage(str(m.id), m.mail_from, (m.rcpt_to,), m.body) for m in messages]
         extender = LoopingCall(lambda: Deferred.fromCoroutine(self._extend_leases(messages)))
         extender.clock = self._clock
         extender.start(self.settings.lease_seconds / 2, now=False).addErrback(
             lambda f: self.log.failure("extending leases failed", f)
         )
         try:
-            if self._sign is not None:
-                outgoing = await self._signed(messages)
+            outgoing = await self._outgoing(messages)
             outcome = await self._deliverer.deliver(domain, outgoing, pool)
         except Exception:
             if self._abandoned:  # cancelled by stopService after drain_timeout
@@ -383,19 +385,21 @@ class DeliveryService(Service):
             )
             # Counted as a soft failure like any other, so a message that trips a bug every time is
             # retried on the schedule and finally fails, instead of spinning at once forever.
-            outcome = internal_error_outcome(outgoing, failure)
+            outcome = internal_error_outcome(_unsigned(messages), failure)
         finally:
             if extender.running:
                 extender.stop()
         await self._settle_outcome(domain, messages, outcome)
 
-    async def _signed(self, messages: Sequence[ClaimedMessage]) -> list[OutgoingMessage]:
-        """The messages with their bodies DKIM-signed; a body shared by several recipients is signed once.
+    async def _outgoing(self, messages: Sequence[ClaimedMessage]) -> list[OutgoingMessage]:
+        """The messages as the deliverer takes them, bodies DKIM-signed when there is a signer.
 
-        The distinct bodies are signed concurrently, so a signer working in threads uses both cores.
+        A body shared by several recipients is signed once; the distinct bodies are signed concurrently,
+        so a signer working in threads uses both cores.
         """
         sign = self._sign
-        assert sign is not None
+        if sign is None:
+            return _unsigned(messages)
         firsts: dict[tuple[int, int], ClaimedMessage] = {}
         for m in messages:
             firsts.setdefault((id(m.body), m.server_id), m)

@@ -18,7 +18,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import connectionDone
-from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -27,6 +26,7 @@ from mtad.config import parse_config
 from mtad.store import credentials, domains, organizations, servers
 from mtad.store.db import make_engine
 from mtad.store.migrate import upgrade_schema
+from tests.outbound.support import until as _until
 from tools.fakedns import FakeDNS, start_fake_dns
 from tools.sink import Sink, SinkBehaviour
 
@@ -124,13 +124,8 @@ def message(subject: str = "Hello", to: str = "alice@example.com", size: int = 0
 
 
 async def until(reactor: Any, predicate: Callable[[], bool], limit: float = 15.0) -> None:
-    """Let real I/O run until ``predicate`` holds; fail after ``limit`` seconds."""
-    waited = 0.0
-    while not predicate():
-        if waited > limit:
-            raise AssertionError("condition not reached in time")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
+    """`tests.outbound.support.until` with room for a whole daemon's start, delivery and recording."""
+    await _until(reactor, predicate, limit)
 
 
 class Installation:

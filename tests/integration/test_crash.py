@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -23,16 +22,11 @@ from mtad.store.messages import MessageStatus, list_messages
 from tests.integration.support import MX_IP, ZONE, Installation, message, smtp_session, until
 from tests.redis_server import real_reactor
 from tests.store.support import SQLITE, fresh_database_url
+from tests.test_accept import closed_port
 from tools.fakedns import start_fake_dns
 from tools.sink import Sink
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Child(ProcessProtocol):
@@ -63,7 +57,7 @@ class CrashTests(unittest.TestCase):
         self.addCleanup(sink_port.stopListening)
         self.dns = start_fake_dns(self.reactor, dict(ZONE))
         self.addCleanup(lambda: ensureDeferred(self.dns.stop()))
-        self.smtp_port = free_port()
+        self.smtp_port = closed_port()
         self.config_path = Path(self.data_dir) / "mtad.toml"
         self.sink_port = sink_port.getHost().port  # type: ignore[attr-defined]
 
@@ -80,7 +74,7 @@ endpoint = "tcp:{self.smtp_port}:interface=127.0.0.1"
 tls = "none"
 allow_plaintext_auth = true
 [http]
-listeners = ["tcp:{free_port()}:interface=127.0.0.1"]
+listeners = ["tcp:{closed_port()}:interface=127.0.0.1"]
 [dns]
 nameservers = ["{self.dns.host}:{self.dns.port}"]
 [delivery]

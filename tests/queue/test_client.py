@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 from twisted.trial import unittest
 
 from mtad.queue.client import RedisAddress, RedisClient, parse_redis_url
 from mtad.queue.model import RedisUnavailable
 from tests.redis_server import real_reactor
+from tests.test_accept import closed_port
 
 
 class ParseRedisUrlTests(unittest.SynchronousTestCase):
@@ -46,10 +45,7 @@ class ParseRedisUrlTests(unittest.SynchronousTestCase):
 class WaitConnectedTests(unittest.TestCase):
     async def test_unreachable_redis_is_redis_unavailable(self) -> None:
         """Waiting for a Redis nobody listens on ends, after the timeout, in RedisUnavailable."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        client = RedisClient.from_url(real_reactor(), f"redis://127.0.0.1:{port}/0", timeout=0.3)
+        client = RedisClient.from_url(real_reactor(), f"redis://127.0.0.1:{closed_port()}/0", timeout=0.3)
         self.addCleanup(client.disconnect)
         with self.assertRaises(RedisUnavailable) as caught:
             await client.wait_connected()
