@@ -40,31 +40,10 @@ from mtad.queue.keys import (
     QueueKeys,
     Script,
 )
-from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage, QueueError, QueueStats
+from mtad.queue.model import RESERVED_FIELDS, ClaimedMessage, NewEvent, NewMessage, QueueError, QueueStats
 
 #: Approximate cap on the event stream (``XADD MAXLEN ~``): consumers must keep up within this many events.
 DEFAULT_EVENTS_MAXLEN = 1_000_000
-
-_CLAIM_FIELDS = frozenset(
-    {
-        "id",
-        "token",
-        "server_id",
-        "scope",
-        "mail_from",
-        "rcpt_to",
-        "pool",
-        "attempts",
-        "created_at",
-        "due_at",
-        "lease_token",
-        "lease_owner",
-        "lease_deadline",
-        "body",
-        "state",
-    }
-)
-
 
 _HELD_FIELDS = frozenset(
     {
@@ -417,7 +396,7 @@ def _parse_claim(reply: list[Any]) -> list[ClaimedMessage]:
                 lease_owner=f.get("lease_owner", ""),
                 lease_deadline=float(f["lease_deadline"]),
                 body=bodies.get(f.get("body", ""), b""),
-                fields={k: v for k, v in f.items() if k not in _CLAIM_FIELDS},
+                fields={k: v for k, v in f.items() if k not in RESERVED_FIELDS},
             )
         )
     return claimed
