@@ -715,9 +715,9 @@ class LegacyAPI:
         """
         try:
             fields = await self.queue.message_fields(id)
-            if not fields or fields.get("server_id") != str(server.id) or "body" not in fields:
+            if not fields or fields.get("server_id") != str(server.id):
                 return None
-            body = await self.queue.client.execute("HGET", fields["body"], "data")
+            body = await self.queue.body(fields)
         except Exception as e:
             self.log.warn(
                 "legacy API: could not read message {id} from the queue: {error}", id=id, error=str(e)
@@ -725,4 +725,4 @@ class LegacyAPI:
             if required:
                 raise temporary_failure("The queue") from None
             return None
-        return (fields, bytes(body)) if body is not None else None
+        return (fields, body) if body is not None else None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mtad.queue.client import RedisClient
@@ -329,6 +329,13 @@ class RedisQueue:
 
         d = self.client.execute("HGETALL", self.keys.message(message_id))
         return d.addCallback(parse)
+
+    def body(self, fields: dict[str, str]) -> Deferred[bytes | None]:
+        """The stored body of the message whose hash is ``fields`` (see `message_fields`); None if gone."""
+        if "body" not in fields:
+            return succeed(None)
+        d = self.client.execute("HGET", fields["body"], "data")
+        return d.addCallback(lambda data: None if data is None else bytes(data))
 
     def persistence_info(self) -> Deferred[dict[str, Any]]:
         """How durable an accepted message is: ``aof_enabled``, ``appendfsync``, ``rdb`` (save points).

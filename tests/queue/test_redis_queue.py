@@ -71,6 +71,16 @@ class EnqueueTests(QueueTestCase):
         self.assertEqual(await self.redis.execute("HGET", body_key, "data"), BODY)
         self.assertEqual(await self.redis.execute("HGET", body_key, "refs"), b"3")
 
+    async def test_body_read_back_until_gone(self) -> None:
+        """body() gives a queued message's stored body, and None once the message is done."""
+        (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
+        fields = await self.queue.message_fields(mid)
+        self.assertEqual(await self.queue.body(fields), BODY)
+        claimed = await self.claim_one()
+        self.assertTrue(await self.queue.ack(mid, claimed.lease_token))
+        self.assertIsNone(await self.queue.body(fields))
+        self.assertIsNone(await self.queue.body(await self.queue.message_fields(mid)))
+
     async def test_message_hash_holds_envelope_and_fields(self) -> None:
         """The hash keeps the envelope, metadata and the caller's extra fields, Unicode intact."""
         (mid,) = await self.queue.enqueue(
