@@ -23,7 +23,10 @@ class Echo(Resource):
         self.name = name
 
     def render(self, request: Any) -> bytes:
-        return self.name + b" " + request.path + b" " + str(len(request.content.read())).encode()
+        args = b"&".join(k + b"=" + b",".join(v) for k, v in sorted(request.args.items()))
+        return (
+            self.name + b" " + request.path + b" " + str(len(request.content.read())).encode() + b" " + args
+        )
 
 
 class Collect(Protocol):
@@ -60,11 +63,32 @@ class SiteTests(unittest.TestCase):
         """Each app gets the paths under its prefix, with the full path; anything else is 404."""
         api = await self.exchange(b"POST /api/v1/send/message HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
         self.assertTrue(api.startswith(b"HTTP/1.0 200"), api)
-        self.assertTrue(api.endswith(b"api /api/v1/send/message 3"), api)
+        self.assertTrue(api.endswith(b"api /api/v1/send/message 3 "), api)
         status = await self.exchange(b"GET /status HTTP/1.0\r\n\r\n")
-        self.assertTrue(status.endswith(b"status /status 0"), status)
+        self.assertTrue(status.endswith(b"status /status 0 "), status)
         missing = await self.exchange(b"GET /other HTTP/1.0\r\n\r\n")
         self.assertTrue(missing.startswith(b"HTTP/1.0 404"), missing)
+
+    async def test_form_bodies_parsed(self) -> None:
+        """URL-encoded and multipart POST bodies still reach the app as arguments; JSON bodies do not."""
+        form = b"a=1&b=x+y"
+        answer = await self.exchange(
+            b"POST /api/v1/x?q=2 HTTP/1.0\r\nContent-Type: Application/X-WWW-Form-Urlencoded; charset=utf-8"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(form), form)
+        )
+        self.assertTrue(answer.endswith(b"a=1&b=x y&q=2"), answer)
+        multipart = b'--XX\r\nContent-Disposition: form-data; name="params"\r\n\r\n{}\r\n--XX--\r\n'
+        answer = await self.exchange(
+            b"POST /api/v1/x HTTP/1.0\r\nContent-Type: multipart/form-data; boundary=XX"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(multipart), multipart)
+        )
+        self.assertTrue(answer.endswith(b"params={}"), answer)
+        json_body = b'{"a": 1}'
+        answer = await self.exchange(
+            b"POST /api/v1/x?q=2 HTTP/1.0\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(json_body), json_body)
+        )
+        self.assertTrue(answer.endswith(b"api /api/v1/x 8 q=2"), answer)
 
     async def test_declared_oversize_body_refused(self) -> None:
         """A Content-Length over the bound is answered 413 before the body is read."""
