@@ -24,7 +24,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.python.failure import Failure
 
@@ -32,7 +32,7 @@ from mtad.config import Config, ConfigError, load_config
 from mtad.domains import dns_check
 from mtad.domains.dns_check import BlockingResolver, run_blocking
 from mtad.mail.dkim_keys import ED25519, RSA
-from mtad.outbound.holds import hold_cancelled_event
+from mtad.outbound.held_actions import NOT_HELD, HeldAction, HeldActionFailed, HeldOutcome, act_on_held
 from mtad.outbound.mx import parse_nameservers
 from mtad.queue.client import RedisClient
 from mtad.queue.embedded import EmbeddedRedis, EmbeddedRedisError
@@ -127,13 +127,6 @@ def queue_location(config: Config) -> tuple[str, str | None]:
     except EmbeddedRedisError as e:
         raise CommandError(f"general.data_dir: {e}") from None
     return embedded.url, embedded.socket_path
-
-
-#: Held messages released or cancelled concurrently (pipelined on one Redis connection).
-_QUEUE_CHUNK = 200
-
-#: Why a message the command was asked to release or cancel was left alone.
-_NOT_HELD = "not held in the queue (released, cancelled, expired or delivered already, or no such message)"
 
 
 class _Commands:
@@ -549,31 +542,14 @@ class _Commands:
             self.print(f"(only the {args.limit} longest held are shown; use --limit or filters for more)")
 
     def release_held(self, args: argparse.Namespace) -> None:
-        self._act_on_held(args, "released", self._release_one)
+        self._act_on_held(args, HeldAction.RELEASE)
 
     def cancel_held(self, args: argparse.Namespace) -> None:
-        self._act_on_held(args, "cancelled", self._cancel_one)
+        self._act_on_held(args, HeldAction.CANCEL)
 
-    @staticmethod
-    async def _release_one(queue: RedisQueue, message_id: int, now: float) -> bool:
-        # Due now, without its hold reason: delivery sends it rather than holding it again.
-        return await queue.release_held(message_id, now)
-
-    @staticmethod
-    async def _cancel_one(queue: RedisQueue, message_id: int, now: float) -> bool:
-        held = await queue.held_message(message_id)
-        if held is None:
-            return False
-        # The event makes the recorder write the HoldCancelled delivery and status to SQL.
-        return await queue.cancel_held(message_id, hold_cancelled_event(held, now))
-
-    def _act_on_held(
-        self,
-        args: argparse.Namespace,
-        done: str,
-        act: Callable[[RedisQueue, int, float], Coroutine[Any, Any, bool]],
-    ) -> None:
+    def _act_on_held(self, args: argparse.Namespace, action: HeldAction) -> None:
         """Release or cancel held messages named by id, or chosen from SQL (status Held) by filters."""
+        done = action.value
         filtered = args.server is not None or args.rcpt_to or args.mail_from or args.before is not None
         if args.ids and (filtered or args.all):
             raise CommandError("give message ids, or filters (or --all), not both")
@@ -598,9 +574,8 @@ class _Commands:
                 f"the embedded Redis is not running (no socket at {socket_path}): it runs only while the "
                 "mtad daemon runs with this data_dir; start mtad and try again (or set redis.url)"
             )
-        results: dict[int, bool] = {}
 
-        async def work(reactor: Any) -> None:
+        async def work(reactor: Any) -> HeldOutcome:
             client = RedisClient.from_url(reactor, url, timeout=self.config.redis.timeout, poolsize=1)
             try:
                 try:
@@ -608,39 +583,34 @@ class _Commands:
                 except RedisUnavailable as e:
                     raise CommandError(_unreachable(str(e), socket_path)) from None
                 queue = RedisQueue(client, self.queue_keys)
-                now = reactor.seconds()
-                for start in range(0, len(ids), _QUEUE_CHUNK):
-                    chunk = ids[start : start + _QUEUE_CHUNK]
-                    acts = [Deferred.fromCoroutine(act(queue, i, now)) for i in chunk]
-                    try:
-                        replies = await gatherResults(acts, consumeErrors=True)
-                    except FirstError as e:
-                        e.subFailure.raiseException()
-                    results.update(zip(chunk, replies, strict=True))
+                return await act_on_held(action, queue, ids, reactor.seconds())
             finally:
                 await client.disconnect()
 
         try:
-            self.run_async(work)
-        except QueueError as e:
-            if results:
+            outcome = self.run_async(work)
+        except HeldActionFailed as e:
+            if e.done:
                 self.print(
-                    f"{done} {sum(results.values())} of {len(ids)} messages before Redis failed; "
+                    f"{done} {len(e.done)} of {len(ids)} messages before Redis failed; "
                     "running the command again is safe"
                 )
-            raise CommandError(f"Redis: {e}") from None
-        missed = [i for i in ids if not results.get(i)]
+            if isinstance(e.error, QueueError):
+                raise CommandError(f"Redis: {e.error}") from None
+            raise e.error from None
         if args.ids:
             for message_id in ids:
-                self.print(f"{done} {message_id}" if results[message_id] else f"{message_id}: {_NOT_HELD}")
-            if missed:
+                self.print(
+                    f"{message_id}: {NOT_HELD}" if message_id in outcome.not_held else f"{done} {message_id}"
+                )
+            if outcome.not_held:
                 raise CommandError(
-                    f"{len(missed)} of {len(ids)} messages were not held; nothing done for them"
+                    f"{len(outcome.not_held)} of {len(ids)} messages were not held; nothing done for them"
                 )
             return
-        self.print(f"{done} {len(ids) - len(missed)} of {len(ids)} held messages{_described(args)}")
-        for message_id in missed:
-            self.print(f"  skipped {message_id}: {_NOT_HELD}")
+        self.print(f"{done} {len(outcome.done)} of {len(ids)} held messages{_described(args)}")
+        for message_id in outcome.not_held:
+            self.print(f"  skipped {message_id}: {NOT_HELD}")
 
     def _table(self, header: list[str], rows: list[list[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
