@@ -41,6 +41,9 @@ class Server:
     send_limit: int | None
     send_limit_period: int | None
     created_at: float
+    #: Whether the Sender domain may authenticate a message whose From domain is not (Postal's
+    #: ``allow_sender``): From-authentication of the HTTP API and of SMTP both read it.
+    allow_sender: bool = False
 
     @property
     def full_permalink(self) -> str:
@@ -61,6 +64,7 @@ _SELECT = sa.select(
     servers.c.send_limit,
     servers.c.send_limit_period,
     servers.c.created_at,
+    servers.c.allow_sender,
 ).join_from(servers, organizations, servers.c.organization_id == organizations.c.id)
 
 
@@ -78,6 +82,7 @@ def _from_row(row: sa.Row[*tuple[Any, ...]]) -> Server:
         send_limit=row.send_limit,
         send_limit_period=row.send_limit_period,
         created_at=row.created_at,
+        allow_sender=bool(row.allow_sender),
     )
 
 
@@ -98,6 +103,7 @@ def create_server(
     permalink: str | None = None,
     send_limit: int | None = None,
     send_limit_period: int | None = None,
+    allow_sender: bool = False,
 ) -> Server:
     """Create a server in an organization with a fresh unique token; its permalink must be unused there."""
     organization = get_organization(conn, organization_permalink)
@@ -122,6 +128,7 @@ def create_server(
             suspended=False,
             send_limit=send_limit,
             send_limit_period=send_limit_period,
+            allow_sender=allow_sender,
             created_at=now,
             updated_at=now,
         )
@@ -194,3 +201,13 @@ def suspend_server(conn: Connection, id: int, reason: str | None, now: float) ->
     )
     if result.rowcount == 0:
         raise NotFound(f"no server with id {id}")
+
+
+def set_allow_sender(conn: Connection, id: int, allow: bool, now: float) -> Server:
+    """Let the Sender domain authenticate the server's messages (``allow``) or not; the server as now."""
+    result = conn.execute(
+        servers.update().where(servers.c.id == id).values(allow_sender=allow, updated_at=now)
+    )
+    if result.rowcount == 0:
+        raise NotFound(f"no server with id {id}")
+    return get_server(conn, id)

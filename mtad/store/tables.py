@@ -76,6 +76,8 @@ servers = sa.Table(
     sa.Column("send_limit_period", sa.Integer, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
+    # Whether the Sender domain may authenticate a message whose From domain is not (Postal's setting).
+    sa.Column("allow_sender", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.UniqueConstraint("organization_id", "permalink"),
     **TABLE_OPTIONS,
 )

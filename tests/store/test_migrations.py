@@ -13,6 +13,7 @@ from mtad.store.migrate import (
     schema_revision,
     upgrade_schema,
 )
+from mtad.store.servers import find_server, set_allow_sender
 from mtad.store.tables import metadata
 from tests.store.support import MYSQL, POSTGRES, DatabaseTestCase
 
@@ -51,6 +52,35 @@ class MigrationTests(DatabaseTestCase):
         upgrade_schema(self.engine)
         downgrade_schema(self.engine, "base")
         self.assertEqual(set(sa.inspect(self.engine).get_table_names()) & set(metadata.tables), set())
+
+    def test_allow_sender_added_off(self) -> None:
+        """Migration 0004 gives servers made before it allow_sender off; they can then turn it on, and
+        downgrading removes the column again."""
+        upgrade_schema(self.engine, "0003")
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO organizations (id, name, permalink, created_at, updated_at) "
+                    "VALUES (1, 'Acme', 'acme', 0, 0)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO servers (id, organization_id, name, permalink, mode, token, suspended, "
+                    "created_at, updated_at) VALUES (1, 1, 'Main', 'main', 'Live', 'abcdef', :no, 0, 0)"
+                ),
+                {"no": False},
+            )
+        upgrade_schema(self.engine)
+        with self.engine.begin() as conn:
+            server = find_server(conn, 1)
+            assert server is not None
+            self.assertFalse(server.allow_sender)
+            self.assertTrue(set_allow_sender(conn, 1, True, 1.0).allow_sender)
+        downgrade_schema(self.engine, "0003")
+        columns = {c["name"] for c in sa.inspect(self.engine).get_columns("servers")}
+        self.assertNotIn("allow_sender", columns)
+        self.assertIn("send_limit", columns)
 
 
 class MigrationPostgresTests(MigrationTests):
