@@ -19,12 +19,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import txredisapi
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mtad.queue.keys import Script
 from mtad.queue.model import QueueError, QueueFull, RedisUnavailable
@@ -156,15 +157,22 @@ class RedisClient:
         return any(conn.connected for conn in self._factory.connectionQueue.pending)
 
     def execute(self, *args: str | bytes | int | float) -> Deferred[Any]:
-        """Send one command; fires with its reply, or fails with `RedisUnavailable` / `QueueError`."""
-        return Deferred.fromCoroutine(self._execute(args))
+        """Send one command; fires with its reply, or fails with `RedisUnavailable` / `QueueError`.
 
-    async def _execute(self, args: tuple[str | bytes | int | float, ...]) -> Any:
-        if self.connected:
+        Plain Deferred callbacks rather than a coroutine, and straight to a live connection rather than
+        through txredisapi's pool handler (a generator and a queue hand-off per command): this runs for
+        every accepted message, and those layers cost as much as building the command.
+        """
+        encoded = [_encode(a) for a in args]
+        connection = self._live_connection()
+        if connection is not None:
             self._was_connected = True
+            d: Deferred[Any] = connection.execute_command(*encoded)
         elif self._was_connected or self._factory.stopped:
-            raise RedisUnavailable(f"not connected to Redis at {self.address.describe()}")
-        d: Deferred[Any] = self._factory.handler.execute_command(*(_encode(a) for a in args))
+            return fail(RedisUnavailable(f"not connected to Redis at {self.address.describe()}"))
+        else:
+            # Never connected yet: txredisapi's handler waits for the first connection (within timeout).
+            d = self._factory.handler.execute_command(*encoded)
         timed_out = False
 
         def on_timeout(result: Any, timeout: float) -> Any:
@@ -172,32 +180,49 @@ class RedisClient:
             timed_out = True
             return result
 
-        d.addTimeout(self.timeout, self._clock, onTimeoutCancel=on_timeout)
-        try:
-            reply = await d
-        except txredisapi.ResponseError as e:
-            raise _response_error(e) from e
-        except txredisapi.ConnectionError as e:
-            raise RedisUnavailable(f"lost connection to Redis at {self.address.describe()}: {e}") from e
-        except CancelledError:
-            if timed_out:
+        def failed(failure: Failure) -> Any:
+            error = failure.value
+            if isinstance(error, txredisapi.ResponseError):
+                raise _response_error(error)
+            if isinstance(error, txredisapi.ConnectionError):
+                raise RedisUnavailable(f"lost connection to Redis at {self.address.describe()}: {error}")
+            if isinstance(error, CancelledError) and timed_out:
                 raise RedisUnavailable(
                     f"Redis at {self.address.describe()} did not answer within {self.timeout} s"
-                ) from None
-            raise
-        self._was_connected = True
-        if isinstance(reply, txredisapi.ResponseError):
-            raise _response_error(reply)
-        return reply
+                )
+            return failure
 
-    async def run_script(self, script: Script, keys: list[str], args: list[str | bytes | int | float]) -> Any:
+        def replied(reply: Any) -> Any:
+            self._was_connected = True
+            if isinstance(reply, txredisapi.ResponseError):
+                raise _response_error(reply)
+            return reply
+
+        d.addTimeout(self.timeout, self._clock, onTimeoutCancel=on_timeout)
+        d.addCallbacks(replied, failed)
+        return d
+
+    def _live_connection(self) -> Any:
+        """The pool's first connected connection, if any (every command goes there: pipelining)."""
+        for connection in self._factory.connectionQueue.pending:
+            if connection.connected:
+                return connection
+        return None
+
+    def run_script(
+        self, script: Script, keys: list[str], args: list[str | bytes | int | float]
+    ) -> Deferred[Any]:
         """EVALSHA, falling back to EVAL when Redis does not know the script (first use, restart, flush)."""
-        try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except QueueError as e:
-            if isinstance(e, RedisUnavailable) or "NOSCRIPT" not in str(e):
-                raise
-        return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+        def unknown_script(failure: Failure) -> Any:
+            error = failure.value
+            if not isinstance(error, QueueError) or isinstance(error, RedisUnavailable):
+                return failure
+            if "NOSCRIPT" not in str(error):
+                return failure
+            return self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+        return self.execute("EVALSHA", script.sha, len(keys), *keys, *args).addErrback(unknown_script)
 
     def wait_connected(self) -> Deferred[None]:
         """Fires once a connection is up (or fails with `RedisUnavailable` after ``timeout``)."""

@@ -47,20 +47,20 @@ class ConnectionLimiter:
             slot_id,
             *(limit for _, limit in keys),
         ]
-        d = Deferred.fromCoroutine(self.client.run_script(LIMIT_ACQUIRE, redis_keys, args))
+        d = self.client.run_script(LIMIT_ACQUIRE, redis_keys, args)
         return d.addCallback(bool)
 
     def renew(self, keys: list[str], slot_id: str, now: float, ttl: float) -> Deferred[None]:
         """Push the expiry of the slots ``slot_id`` still holds to ``now + ttl`` (lost slots stay lost)."""
         redis_keys = [self.keys.limit(key) for key in keys]
         args: list[str | bytes | int | float] = [repr(float(now + ttl)), _ttl_ms(ttl), slot_id]
-        d = Deferred.fromCoroutine(self.client.run_script(LIMIT_RENEW, redis_keys, args))
+        d = self.client.run_script(LIMIT_RENEW, redis_keys, args)
         return d.addCallback(lambda _: None)
 
     def release(self, keys: list[str], slot_id: str) -> Deferred[None]:
         """Give the slots back."""
         redis_keys = [self.keys.limit(key) for key in keys]
-        d = Deferred.fromCoroutine(self.client.run_script(LIMIT_RELEASE, redis_keys, [slot_id]))
+        d = self.client.run_script(LIMIT_RELEASE, redis_keys, [slot_id])
         return d.addCallback(lambda _: None)
 
     def count(self, key: str, now: float) -> Deferred[int]:
@@ -108,5 +108,5 @@ class AuthFailureCounter:
             _ttl_ms(self.window),
         ]
         key = self.keys.auth_failures(client_ip)
-        d = Deferred.fromCoroutine(self.client.run_script(AUTH_FAILURE_ADD, [key], args))
+        d = self.client.run_script(AUTH_FAILURE_ADD, [key], args)
         return d.addCallback(lambda _: None)

@@ -126,9 +126,7 @@ class RedisQueue:
         self.requeue_batch = requeue_batch
 
     def _run(self, script: Script, args: list[str | bytes | int | float]) -> Deferred[Any]:
-        return Deferred.fromCoroutine(
-            self.client.run_script(script, self.keys.queue_keys(), [self.keys.prefix, *args])
-        )
+        return self.client.run_script(script, self.keys.queue_keys(), [self.keys.prefix, *args])
 
     def _event_args(self, event: NewEvent | None) -> list[str | bytes | int | float]:
         if event is None:
