@@ -45,7 +45,7 @@ import attrs
 from klein import Klein
 from sqlalchemy.engine import Connection
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -421,6 +421,13 @@ class LegacyAPI:
             status, data = "error", {**e.data, "code": e.code}
         except ParameterError as e:
             status, data = "parameter-error", {"message": e.message}
+        except CancelledError:
+            # Klein cancels the handler when the client closes the connection: nobody is left to answer.
+            # A send may have been queued all the same (as when the answer is lost on the way).
+            self.log.info(
+                "legacy API: the client closed the connection before {path} was answered", path=request.path
+            )
+            raise
         except Exception:
             self.log.failure("legacy API request {path} failed", path=request.path)
             status = "error"

@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from io import BytesIO
 from typing import Any
 
 import attrs
 import treq
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger, LogLevel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from admin_api.legacy_api import SEND_ERRORS, ruby_base64
@@ -152,6 +155,16 @@ class FailingAcceptor(Acceptor):
 
     async def accept(self, *args: Any, **kwargs: Any) -> list[AcceptedMessage]:
         raise RuntimeError("bug in the accept path")
+
+
+class StalledAcceptor(Acceptor):
+    """An acceptor whose Redis write never answers, so the request is still in flight when cut off."""
+
+    entered = 0
+
+    async def accept(self, *args: Any, **kwargs: Any) -> list[AcceptedMessage]:
+        self.entered += 1
+        return await Deferred()
 
 
 class AuthenticationTests(LegacyAPITestCase):
@@ -301,6 +314,25 @@ class TransportTests(LegacyAPITestCase):
         self.assertEqual(
             set(envelope["data"]["messages"]), {"test@example.com", "cc@example.com", "bcc@example.com"}
         )
+
+    async def test_client_gone(self) -> None:
+        """A client that hangs up mid-request is an info line, not a logged failure and InternalError."""
+        acceptor = StalledAcceptor(self.queue, self.clock, default_pool="main", timeout=5.0)
+        self.use(self.make_api(acceptor=acceptor))
+        events: list[dict[str, Any]] = []
+        self.api.log = Logger(observer=events.append)
+        request = DummyRequest([b"api", b"v1", b"send", b"message"])
+        request.method = b"POST"
+        request.path = b"/api/v1/send/message"
+        request.requestHeaders.setRawHeaders(b"x-server-api-key", [self.key.encode()])
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.content = BytesIO(json.dumps(send_params()).encode())
+        d = Deferred.fromCoroutine(self.api.send_message_route(request))
+        self.assertEqual(acceptor.entered, 1)
+        d.cancel()  # what Klein does when the connection is lost
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.info])
+        self.assertIn("closed the connection", events[0]["log_format"])
 
     async def test_json_body(self) -> None:
         """A JSON body with an application/json content type is the parameters."""
