@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tools.bench.http_send [--runs 3] [--size 5120] [--connections 32]
         [--full-seconds 20] [--rate 500] [--rate-seconds 30] [--sink auto|smtp-sink|python]
-        [--profile] [--workdir DIR] [--keep] [--json FILE]
+        [--profile] [--no-delivery | --split] [--workdir DIR] [--keep] [--json FILE]
 
 What runs (all on loopback): one ``twistd -n mtad`` with its embedded Redis (``appendfsync always``: a
 success answer means the message is fsync'd, DESIGN invariant 1) and SQLite; an API credential; the
@@ -11,7 +11,9 @@ verified with ``mtad verify-domain`` against a fake DNS (:mod:`tools.fakedns`) t
 ``add-domain`` printed, so every message is DKIM-signed at delivery; ``dest.test``'s MX is a sink on
 127.0.0.3 (Postfix's ``smtp-sink`` when ``tools/bench/setup-postfix`` has unpacked it and we are root,
 else :mod:`tools.sink`). Delivery runs in the same process, as in a single-process install, so the
-process accepts, signs and delivers at once.
+process accepts, signs and delivers at once; with ``--split`` it runs in a second process sharing a Redis
+(started by the runner, durable like the embedded one) and the database, as in a scaled-out install
+(DESIGN.md: roles), and the measured process only accepts. ``--no-delivery``: nothing delivers.
 
 Each request is one message: ``send/message`` with one recipient, a subject and a ``plain_body`` of
 ``--size`` bytes of prose. Each run starts the system from scratch and measures, in this order:
@@ -237,10 +239,13 @@ def mtad_config(
     nameserver: tuple[str, int],
     sink_port: int,
     delivery: bool = True,
+    redis_url: str = "",
+    database_url: str = "",
 ) -> dict[str, Any]:
-    """The relay benchmark's single-process configuration: embedded Redis and SQLite, fake DNS, sink.
+    """The relay benchmark's process configuration: fake DNS, sink; embedded Redis and SQLite by default.
 
-    ``delivery=False`` makes an API-only process (``[delivery] enabled = false``): messages stay queued.
+    ``delivery=False`` makes an API-only process (``[delivery] enabled = false``): messages stay queued
+    (or go to another process that delivers, sharing ``redis_url`` and ``database_url``).
     """
     config = mtad_system.process_config(
         data_dir=data_dir,
@@ -248,6 +253,8 @@ def mtad_config(
         http_port=http_port,
         nameserver=nameserver,
         sink_port=sink_port,
+        redis_url=redis_url,
+        database_url=database_url,
     )
     config["delivery"]["enabled"] = delivery
     return config
@@ -274,6 +281,9 @@ class HttpSystem:
     http_port: int = 0
     api_key: str = ""
     mtad: ManagedProcess | None = None
+    #: The delivering process of a split deployment (``mtad`` then only accepts), and the Redis they share.
+    worker: ManagedProcess | None = None
+    redis: ManagedProcess | None = None
     dns: ManagedProcess | None = None
     sink: ManagedProcess | None = None
     sink_kind: str = ""
@@ -308,13 +318,25 @@ class HttpSystem:
             return dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall())
 
     def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: ``mtad`` is every mtad process with its Redis; ``api`` the accepting one."""
+
+        def of(*processes: ManagedProcess | None) -> float:
+            return cpu_seconds([p.pid for p in processes if p is not None and p.pid is not None])
+
         return {
-            "mtad": cpu_seconds([self.mtad.pid] if self.mtad and self.mtad.pid else []),
-            "sink": cpu_seconds([self.sink.pid] if self.sink and self.sink.pid else []),
+            "mtad": of(self.mtad, self.worker, self.redis),
+            "api": of(self.mtad),
+            "sink": of(self.sink),
         }
 
     def stop(self) -> None:
-        for process, timeout in ((self.mtad, STOP_TIMEOUT), (self.sink, 10), (self.dns, 10)):
+        for process, timeout in (
+            (self.mtad, STOP_TIMEOUT),
+            (self.worker, STOP_TIMEOUT),
+            (self.redis, 30),
+            (self.sink, 10),
+            (self.dns, 10),
+        ):
             if process is not None:
                 process.stop(timeout)
 
@@ -352,8 +374,13 @@ def choose_sink(requested: str) -> str:
     return "smtp-sink" if os.geteuid() == 0 else "python"
 
 
-def start_system(workdir: Path, sink_kind: str, delivery: bool = True) -> HttpSystem:
-    """Configure and start mtad, fake DNS and sink in ``workdir`` (wiped first, logs kept)."""
+def start_system(workdir: Path, sink_kind: str, delivery: bool = True, split: bool = False) -> HttpSystem:
+    """Configure and start mtad, fake DNS and sink in ``workdir`` (wiped first, logs kept).
+
+    ``split``: the scale-out deployment of DESIGN.md (roles): the process under load only accepts, and a
+    second process on the same Redis (started here, with the embedded Redis's durable settings) and the
+    same database signs and delivers.
+    """
     mtad_system._reset_state(workdir)
     system = HttpSystem(workdir, sink_kind=sink_kind)
     try:
@@ -364,7 +391,15 @@ def start_system(workdir: Path, sink_kind: str, delivery: bool = True) -> HttpSy
         data_dir = mtad_system.data_dir(workdir, 0)
         system.database = data_dir / "mtad.sqlite3"
         config_path = workdir / "mtad.toml"
-        config = mtad_config(data_dir, smtp_port, system.http_port, dns_address, sink_port, delivery)
+        shared: dict[str, str] = {}
+        if split:
+            holder = mtad_system.MtadSystem("redis", workdir)
+            shared["redis_url"] = mtad_system._start_redis(holder)
+            system.redis = holder.redis
+            shared["database_url"] = f"sqlite:///{system.database}"
+        config = mtad_config(
+            data_dir, smtp_port, system.http_port, dns_address, sink_port, delivery and not split, **shared
+        )
         config_path.write_text(to_toml(config))
         _cli(workdir, config_path, "initialize")
         _cli(workdir, config_path, "make-organization", "bench")
@@ -394,6 +429,22 @@ def start_system(workdir: Path, sink_kind: str, delivery: bool = True) -> HttpSy
         )
         system.mtad.start()
         system.mtad.wait_for_port(("127.0.0.1", system.http_port), START_TIMEOUT)
+        if split:
+            worker_smtp, worker_http = free_port("127.0.0.1"), free_port("127.0.0.1")
+            worker_dir = mtad_system.data_dir(workdir, 1)
+            worker_config = mtad_config(
+                worker_dir, worker_smtp, worker_http, dns_address, sink_port, delivery, **shared
+            )
+            worker_path = workdir / "worker.toml"
+            worker_path.write_text(to_toml(worker_config))
+            system.worker = ManagedProcess(
+                "mtad worker",
+                [mtad_system._bin("twistd"), "-n", "--pidfile=", "mtad", "--config", str(worker_path)],
+                workdir / "worker.log",
+                env=mtad_system._twistd_env(),
+            )
+            system.worker.start()
+            system.worker.wait_for_port(("127.0.0.1", worker_http), START_TIMEOUT)
     except BaseException:
         system.stop()
         raise
@@ -497,7 +548,7 @@ class RunResult:
 
 
 def measure(args: argparse.Namespace, workdir: Path, run: int, profile: bool) -> RunResult:
-    system = start_system(workdir, choose_sink(args.sink), delivery=args.delivery)
+    system = start_system(workdir, choose_sink(args.sink), delivery=args.delivery, split=args.split)
     try:
         body_path = workdir / "body.json"
         body_path.write_bytes(request_body(args.size))
@@ -590,13 +641,15 @@ def describe(run: int, r: RunResult, seconds: Mapping[str, float]) -> str:
             f"run {run}: full load {r.full.rate:.0f} req/s ({r.full.succeeded} ok, "
             f"{r.full.failures} failed), "
             f"wrk p50 {r.full.p50_ms:.1f} ms p99 {r.full.p99_ms:.1f} ms; CPU mtad "
-            f"{share(r.full_cpu, 'mtad', full_seconds)}, sink {share(r.full_cpu, 'sink', full_seconds)}, "
+            f"{share(r.full_cpu, 'mtad', full_seconds)} (accepting process "
+            f"{share(r.full_cpu, 'api', full_seconds)}), sink {share(r.full_cpu, 'sink', full_seconds)}, "
             f"wrk {share(r.full_cpu, 'generator', full_seconds)}",
             f"       fixed {f['rate']:g}/s: {f['succeeded']}/{f['requests']} ok, p50 {f['p50_ms']:.1f} ms "
             f"p90 {f['p90_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms max {f['max_ms']:.1f} ms; generator lag "
             f"p99 {f['dispatch_lag_p99_ms']:.1f} ms, CPU {100 * f['cpu_share']:.0f} %, wait for a connection "
             f"p99 {f.get('connection_wait_p99_ms', float('nan')):.1f} ms; CPU mtad "
-            f"{share(r.fixed_cpu, 'mtad', rate_seconds)}, sink {share(r.fixed_cpu, 'sink', rate_seconds)}",
+            f"{share(r.fixed_cpu, 'mtad', rate_seconds)} (accepting process "
+            f"{share(r.fixed_cpu, 'api', rate_seconds)}), sink {share(r.fixed_cpu, 'sink', rate_seconds)}",
             f"       SQL: {r.statuses}; drain {r.drain_seconds:.1f} s",
         ]
     )
@@ -627,6 +680,12 @@ def ensure_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
+def _delivery(args: argparse.Namespace) -> str:
+    if not args.delivery:
+        return "OFF"
+    return "in a second process (split)" if args.split else "in the same process"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bench.http_send", description=__doc__.split("\n")[0]
@@ -647,6 +706,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_false",
         help="an API-only process ([delivery] enabled = false): accepting alone, nothing signed or sent",
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="accept in the measured process and sign + deliver in a second process on the same Redis "
+        "and database (the scale-out deployment)",
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", type=Path, help="write every measurement and the medians here")
@@ -665,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"HTTP send benchmark: {machine()}; {args.runs} runs; {args.size}-byte plain_body; full load "
         f"wrk -c{args.connections} {args.full_seconds:g}s; fixed {args.rate:g}/s for {args.rate_seconds:g}s; "
-        f"sink {sink}; delivery {'on' if args.delivery else 'OFF'}; work directory {workdir}",
+        f"sink {sink}; delivery {_delivery(args)}; work directory {workdir}",
         flush=True,
     )
     seconds = {"full": args.full_seconds, "fixed": args.rate_seconds}

@@ -46,6 +46,18 @@ bench max_us 400000
 
 
 class RequestTests(SynchronousTestCase):
+    def test_split_configs_share_redis_and_database(self) -> None:
+        """In the split deployment the accepting process does not deliver and both name one Redis and DB."""
+        shared = {"redis_url": "unix:///tmp/r.sock?db=0", "database_url": "sqlite:////tmp/m.sqlite3"}
+        api = http_send.mtad_config(Path("/tmp/a"), 1, 2, ("127.0.0.1", 53), 25, False, **shared)
+        worker = http_send.mtad_config(Path("/tmp/b"), 3, 4, ("127.0.0.1", 53), 25, True, **shared)
+        self.assertEqual((api["delivery"]["enabled"], worker["delivery"]["enabled"]), (False, True))
+        for config in (api, worker):
+            self.assertEqual(config["redis"]["url"], shared["redis_url"])
+            self.assertEqual(config["database"]["url"], shared["database_url"])
+        single = http_send.mtad_config(Path("/tmp/c"), 1, 2, ("127.0.0.1", 53), 25)
+        self.assertEqual((single["redis"]["url"], single["database"]["url"]), ("", ""))
+
     def test_body(self) -> None:
         """The request is send/message JSON: one recipient, From the bench domain, ``size`` bytes of text."""
         params = json.loads(http_send.request_body(5120))
