@@ -31,6 +31,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from admin_api.legacy_api import LegacyAPI
+from admin_api.manage_api import ManageAPI
 from admin_api.site import make_site
 from admin_api.status import StatusApp
 from mtad.accept import Acceptor
@@ -426,8 +427,13 @@ class MtadService(Service):
             hostname=config.general.hostname,
             in_thread=lambda fn: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn),
         )
+        manage = ManageAPI(self._reactor, database, queue)
         site = make_site(
-            [(b"/status", StatusApp(reporter).app.resource()), (b"/api/v1/", legacy.app.resource())],
+            [
+                (b"/status", StatusApp(reporter).app.resource()),
+                (b"/api/v1/", legacy.app.resource()),
+                (b"/api/v2/", manage.app.resource()),
+            ],
             max_body=legacy.max_request_size,
         )
         for endpoint in config.http.listeners:

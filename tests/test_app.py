@@ -7,7 +7,9 @@ import socket
 import tempfile
 from typing import Any
 
+import treq
 from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
 
 from mtad.app import MtadService, StartupError
 from mtad.config import parse_config
@@ -59,6 +61,25 @@ class StartupTests(unittest.TestCase):
         await service.stopService()
         self.assertFalse(service.embedded_redis.ready)
         self.assertEqual(service.embedded_redis.pid, None)
+
+    async def test_http_serves_management_api(self) -> None:
+        """The HTTP listener serves the management API under /api/v2 beside /api/v1 and /status."""
+        service = await self.start(self.config())
+        await service.when_started()
+        (name,) = [name for name in service.ports if name.startswith("http ")]
+        base = f"http://127.0.0.1:{service.ports[name].getHost().port}"  # type: ignore[attr-defined]
+        pool = HTTPConnectionPool(real_reactor(), persistent=False)
+
+        async def get(path: str) -> tuple[int, Any]:
+            response = await treq.get(base + path, reactor=real_reactor(), pool=pool)
+            return response.code, await response.json()
+
+        status, document = await get("/api/v2/openapi.json")
+        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        status, answer = await get("/api/v2/held")
+        self.assertEqual((status, answer["error"]["code"]), (401, "Unauthenticated"))
+        status, answer = await get("/api/v1/send/message")
+        self.assertEqual((status, answer["data"]["code"]), (200, "AccessDenied"))
 
     async def test_unreachable_redis_names_the_key(self) -> None:
         """An external Redis that does not answer stops start-up with an error naming redis.url."""
