@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
@@ -89,9 +90,42 @@ class PrefixRouter(Resource):
         return NoResource().render(request)  # type: ignore[no-untyped-call,no-any-return]
 
 
+class AccessLogSite(Site):
+    """A `Site` whose access log is one structured event per request (namespace ``mtad.http.access``).
+
+    Twisted's own access log formats a combined-log line and writes it through the legacy ``log.logfile``
+    shim, which turns it back into an event: twice the work for a line per send request, and the fields
+    are lost to observers that want them.
+    """
+
+    access_log = Logger(namespace="mtad.http.access")
+
+    def log(self, request: Request) -> None:
+        address = request.getClientAddress()
+        self.access_log.info(
+            '{client} "{method} {uri} {protocol}" {code} {length} "{referrer}" "{agent}"',
+            client=getattr(address, "host", "-"),
+            method=_text(request.method),
+            uri=_text(request.uri),
+            protocol=_text(request.clientproto),
+            code=request.code,
+            length=request.sentLength or "-",
+            referrer=_text(request.getHeader(b"referer") or b"-"),
+            agent=_text(request.getHeader(b"user-agent") or b"-"),
+        )
+
+
+def _text(value: bytes) -> str:
+    """Header or request-line bytes as log text: control characters and quotes escaped, never raw."""
+    text = value.decode("latin-1")
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
 def make_site(routes: Sequence[tuple[bytes, IResource]], max_body: int = DEFAULT_MAX_BODY) -> Site:
     """A `Site` serving ``routes`` (path prefix, resource), refusing bodies over ``max_body`` octets."""
-    site = Site(PrefixRouter(routes))  # type: ignore[no-untyped-call]
+    site = AccessLogSite(PrefixRouter(routes))  # type: ignore[no-untyped-call]
     site.noisy = False
 
     class SiteRequest(BoundedRequest):

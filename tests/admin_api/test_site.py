@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -50,6 +51,8 @@ class SiteTests(unittest.TestCase):
     def setUp(self) -> None:
         self.reactor: Any = real_reactor()
         site = make_site([(b"/status", Echo(b"status")), (b"/api/v1/", Echo(b"api"))], max_body=1000)
+        self.access: list[dict[str, Any]] = []
+        site.access_log = Logger(namespace="mtad.http.access", observer=self.access.append)  # type: ignore[attr-defined]
         self.port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
 
@@ -68,6 +71,30 @@ class SiteTests(unittest.TestCase):
         self.assertTrue(status.endswith(b"status /status 0 "), status)
         missing = await self.exchange(b"GET /other HTTP/1.0\r\n\r\n")
         self.assertTrue(missing.startswith(b"HTTP/1.0 404"), missing)
+
+    async def test_access_log(self) -> None:
+        """Each request is one structured access event; quotes and escapes in client text stay escaped."""
+        await self.exchange(
+            b'GET /status?a=1 HTTP/1.0\r\nUser-Agent: evil" agent\\x\r\nReferer: http://r.example/\r\n\r\n'
+        )
+        await self.exchange(b"GET /nowhere HTTP/1.0\r\n\r\n")
+        self.assertEqual(len(self.access), 2, self.access)
+        first, second = self.access
+        self.assertEqual(
+            {k: first[k] for k in ("client", "method", "uri", "protocol", "code", "referrer", "agent")},
+            {
+                "client": "127.0.0.1",
+                "method": "GET",
+                "uri": "/status?a=1",
+                "protocol": "HTTP/1.0",
+                "code": 200,
+                "referrer": "http://r.example/",
+                "agent": 'evil\\" agent\\\\x',
+            },
+        )
+        self.assertEqual(first["length"], len(b"status /status 0 a=1"))
+        self.assertEqual(formatEvent(first).split(" ", 1)[0], "127.0.0.1")
+        self.assertEqual((second["uri"], second["code"]), ("/nowhere", 404))
 
     async def test_form_bodies_parsed(self) -> None:
         """URL-encoded and multipart POST bodies still reach the app as arguments; JSON bodies do not."""
