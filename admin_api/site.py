@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
@@ -100,8 +101,8 @@ class AccessLogSite(Site):
 
     access_log = Logger(namespace="mtad.http.access")
 
-    def log(self, request: Request) -> None:
-        address = request.getClientAddress()
+    def log(self, request: http.Request) -> None:
+        address = request.getClientAddress()  # type: ignore[no-untyped-call]
         self.access_log.info(
             '{client} "{method} {uri} {protocol}" {code} {length} "{referrer}" "{agent}"',
             client=getattr(address, "host", "-"),
