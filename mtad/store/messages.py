@@ -59,6 +59,9 @@ class Message:
     timestamp: float
     #: Whether it reached us over TLS (always true for the HTTP API, as in Postal).
     received_with_ssl: bool = False
+    #: Its raw message in `mtad.store.raw_messages` (shared by the messages of one accept); None for
+    #: messages recorded before raw messages were kept.
+    raw_message_id: int | None = None
 
 
 @attrs.frozen
@@ -120,6 +123,7 @@ def record_messages(conn: Connection, new_messages: list[Message], now: float) -
                 "tag": m.tag,
                 "timestamp": m.timestamp,
                 "received_with_ssl": m.received_with_ssl,
+                "raw_message_id": m.raw_message_id,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -212,6 +216,7 @@ def _message_from_row(row: sa.Row[*tuple[Any, ...]]) -> Message:
         tag=row.tag,
         timestamp=row.timestamp,
         received_with_ssl=bool(row.received_with_ssl),
+        raw_message_id=row.raw_message_id,
     )
 
 

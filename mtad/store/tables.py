@@ -11,6 +11,9 @@ Conventions, chosen so that one schema runs unchanged on SQLite, PostgreSQL and 
   tables are ``utf8mb4`` (MySQL's ``utf8`` is 3 bytes and rejects emoji) and long text is ``MEDIUMTEXT``
   there, since MySQL's ``TEXT`` stops at 64 KiB.
 - Indexed strings have lengths that fit MySQL's 3072-byte InnoDB key limit at 4 bytes per character.
+- Binary data (raw messages) is ``LargeBinary``: BLOB on SQLite, BYTEA on PostgreSQL, ``LONGBLOB`` on MySQL,
+  whose ``BLOB`` stops at 64 KiB. Raw messages are stored in parts (``mtad.store.raw_messages.PART_SIZE``) so
+  that no single row comes near MySQL's ``max_allowed_packet`` (16 MiB by default on MariaDB).
 - History tables (messages, deliveries) have no foreign keys: they are written at least once from the event
   stream, and a row that cannot be inserted must not poison a batch forever.
 """
@@ -46,6 +49,8 @@ AutoId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 #: Epoch seconds.
 Timestamp: sa.Double[float] = sa.Double()
+#: Unbounded octets; ``LONGBLOB`` on MySQL/MariaDB.
+LongBinary = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 organizations = sa.Table(
     "organizations",
@@ -128,7 +133,37 @@ messages = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False),
     # Whether the message came to us over TLS (SMTP STARTTLS/implicit TLS; always true for the API).
     sa.Column("received_with_ssl", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    # Its raw message in ``raw_messages`` (shared by the messages of one accept); a message whose raw
+    # message was deleted under retention keeps the id. NULL for messages recorded before raw messages
+    # were kept.
+    sa.Column("raw_message_id", sa.BigInteger, nullable=True),
     sa.Index(None, "server_id", "timestamp"),
+    **TABLE_OPTIONS,
+)
+
+raw_messages = sa.Table(
+    "raw_messages",
+    metadata,
+    # The id of the first message of the accept that stored it (its body's id in Redis), never allocated
+    # by the database: storing the same body again is a no-op.
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("server_id", sa.BigInteger, nullable=False),
+    # When the message was accepted: retention counts from here.
+    sa.Column("timestamp", Timestamp, nullable=False),
+    # Octets of the whole message (the sum of its parts).
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Index(None, "timestamp", "id"),
+    **TABLE_OPTIONS,
+)
+
+raw_message_parts = sa.Table(
+    "raw_message_parts",
+    metadata,
+    sa.Column("raw_message_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    # 0, 1, ...: the message is the concatenation of its parts in this order (part 0 always exists).
+    sa.Column("part", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("data", LongBinary, nullable=False),
     **TABLE_OPTIONS,
 )
 
