@@ -157,7 +157,7 @@ class MtadService(Service):
         await self._check_persistence(self.queue)
         self.database = await self._open_database()
 
-        recorder = Recorder(self.database, await self._stream("recorder"), self._reactor)
+        recorder = Recorder(self.database, await self._stream("recorder"), self._reactor, self.queue)
         recorder.startService()
         self._on_stop("recorder", recorder.stopService)
         resolver = self._resolver()

@@ -8,6 +8,14 @@ transaction commits.
 
 An event that cannot be understood (unknown type, missing or ill-typed field) is logged and acknowledged
 rather than retried: retrying cannot fix it, and leaving it would stop the recorder on it forever.
+
+The recorder also keeps raw messages (`mtad.store.raw_messages`). A ``message.queued`` event names its body
+(``raw_message_id``), which stays pinned in Redis until the recorder releases it, however fast the message
+is delivered. So for each batch the recorder reads the pinned bodies it names (one Redis call), stores them
+in the same transaction as the messages, and only after the commit releases their pins (one Redis call),
+then acknowledges the events. Crashing anywhere in between is harmless: before the release, the batch is
+read again and the bodies stored again (a no-op); after it, the bodies are no longer pinned and are not read
+again, and their rows are already there.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from mtad.store.messages import (
     record_deliveries,
     record_messages,
 )
+from mtad.store.raw_messages import RawMessage, store_raw_messages
 
 E = TypeVar("E", MessageStatus, Scope)
 
@@ -55,11 +64,23 @@ class UnitOfWork(Protocol):
     def run(self, fn: Any, /, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
 
 
+class BodyArchive(Protocol):
+    """What the recorder needs of the queue to keep raw messages (`mtad.queue.redis_queue.RedisQueue`)."""
+
+    def bodies_to_archive(self, raw_message_ids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """The bodies among these still pinned for the archive, by id."""
+
+    def release_archived(self, raw_message_ids: Sequence[int]) -> Deferred[int]:
+        """Unpin these bodies: they are in SQL now (idempotent)."""
+
+
 @attrs.frozen
 class RecordResult:
     recorded: int
     #: Events that were not understood, with the reason, to be logged and acknowledged.
     rejected: tuple[tuple[str, str], ...] = ()
+    #: Raw messages stored (or found already stored) by the batch.
+    archived: int = 0
 
 
 class _BadEvent(Exception):
@@ -119,7 +140,40 @@ def parse_queued(event: Event) -> Message:
         tag=_optional(data, "tag", str),
         timestamp=_number(data, "timestamp"),
         received_with_ssl=bool(_optional(data, "received_with_ssl", bool)),
+        raw_message_id=_optional(data, "raw_message_id", int),
     )
+
+
+def raw_message_ids(events: Sequence[Event]) -> list[int]:
+    """The bodies the ``message.queued`` events of a batch name, each once, in order."""
+    ids: dict[int, None] = {}
+    for event in events:
+        if event.type == MESSAGE_QUEUED:
+            value = event.data.get("raw_message_id")
+            if isinstance(value, int) and not isinstance(value, bool):
+                ids[value] = None
+    return list(ids)
+
+
+def within_bytes(events: Sequence[Event], max_bytes: int) -> Sequence[Event]:
+    """The longest prefix of ``events`` (at least one) whose distinct bodies add up to at most ``max_bytes``.
+
+    Bounds the memory a batch of large messages takes (their bodies are read from Redis and written to SQL
+    together); the events left out stay unacknowledged and come first in the next read.
+    """
+    seen: set[Any] = set()
+    total = 0
+    for n, event in enumerate(events):
+        if event.type != MESSAGE_QUEUED:
+            continue
+        body, size = event.data.get("raw_message_id"), event.data.get("size")
+        if body is None or body in seen or not isinstance(size, int):
+            continue
+        seen.add(body)
+        total += size
+        if total > max_bytes and n > 0:
+            return events[:n]
+    return events
 
 
 def parse_delivery(event: Event) -> DeliveryAttempt:
@@ -141,16 +195,21 @@ def parse_delivery(event: Event) -> DeliveryAttempt:
     )
 
 
-def record_events(conn: Connection, events: Sequence[Event], now: float) -> RecordResult:
+def record_events(
+    conn: Connection, events: Sequence[Event], now: float, bodies: Mapping[int, bytes] | None = None
+) -> RecordResult:
     """Apply a batch of events in the caller's transaction; applying the same batch again changes nothing.
 
     Events are applied in stream order, so a message's queued event is written before its deliveries;
-    consecutive events of one type are written with one statement each (executemany).
+    consecutive events of one type are written with one statement each (executemany). ``bodies`` are the
+    raw messages the queued events name, by id (see `raw_message_ids`); each is stored once.
     """
     recorded = 0
     rejected: list[tuple[str, str]] = []
     queued: list[Message] = []
     attempts: list[DeliveryAttempt] = []
+    raw: dict[int, RawMessage] = {}
+    bodies = bodies or {}
 
     def flush() -> None:
         if queued:
@@ -167,6 +226,9 @@ def record_events(conn: Connection, events: Sequence[Event], now: float) -> Reco
                 if attempts:
                     flush()
                 queued.append(message)
+                body_id = message.raw_message_id
+                if body_id is not None and body_id in bodies and body_id not in raw:
+                    raw[body_id] = RawMessage(body_id, message.server_id, message.timestamp, bodies[body_id])
             elif event.type == MESSAGE_DELIVERY:
                 attempt = parse_delivery(event)
                 if queued:
@@ -180,7 +242,8 @@ def record_events(conn: Connection, events: Sequence[Event], now: float) -> Reco
             continue
         recorded += 1
     flush()
-    return RecordResult(recorded=recorded, rejected=tuple(rejected))
+    store_raw_messages(conn, list(raw.values()), now)
+    return RecordResult(recorded=recorded, rejected=tuple(rejected), archived=len(raw))
 
 
 class Recorder(Service):
@@ -188,7 +251,9 @@ class Recorder(Service):
 
     One batch at a time: reading, writing and acknowledging are sequential, so at most one batch is ever
     unacknowledged. After a failure (database down, Redis gone) it waits ``retry_delay`` seconds on the
-    injected clock and reads again; the unacknowledged events come back then.
+    injected clock and reads again; the unacknowledged events come back then. The bodies in a batch are
+    kept with ``archive`` (see the module docstring); a batch takes at most ``batch_bytes`` of them (or one
+    message, however large).
     """
 
     log = Logger()
@@ -198,13 +263,17 @@ class Recorder(Service):
         database: UnitOfWork,
         source: EventSource,
         clock: IReactorTime,
+        archive: BodyArchive,
         batch_size: int = 500,
         idle_delay: float = 1.0,
         retry_delay: float = 5.0,
+        batch_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._database = database
         self._source = source
         self._clock = clock
+        self._archive = archive
+        self.batch_bytes = batch_bytes
         self.batch_size = batch_size
         self.idle_delay = idle_delay
         self.retry_delay = retry_delay
@@ -213,14 +282,18 @@ class Recorder(Service):
 
     async def record_batch(self) -> int:
         """Read one batch, record it and acknowledge it; return how many events the batch had."""
-        events = await self._source.read(self.batch_size)
+        events = within_bytes(await self._source.read(self.batch_size), self.batch_bytes)
         if not events:
             return 0
-        result: RecordResult = await self._database.run(record_events, events, self._clock.seconds())
+        bodies = await self._archive.bodies_to_archive(raw_message_ids(events))
+        result: RecordResult = await self._database.run(record_events, events, self._clock.seconds(), bodies)
         for event_id, reason in result.rejected:
             self.log.warn(
                 "recorder dropped malformed event {event_id}: {reason}", event_id=event_id, reason=reason
             )
+        # Only now, with the transaction committed. Bodies named only by malformed events are released
+        # unstored rather than pinned forever.
+        await self._archive.release_archived(list(bodies))
         await self._source.ack([event.id for event in events])
         return len(events)
 

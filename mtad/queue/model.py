@@ -48,9 +48,9 @@ class NewMessage:
 
     ``fields`` are extra string fields stored in the message hash (e.g. ``message_id``, ``tag``,
     ``bounce``); ``event`` is extra data for the ``message.queued`` event (e.g. ``subject``,
-    ``message_id``, ``tag``), which already carries id, token, server_id, scope, mail_from, rcpt_to,
-    pool, size and timestamp. ``due_at`` schedules the first attempt (default: now); ``held`` keeps the
-    message in the held set (development mode) until `RedisQueue.release_held`.
+    ``message_id``, ``tag``), which already carries id, raw_message_id, token, server_id, scope, mail_from,
+    rcpt_to, pool, size and timestamp. ``due_at`` schedules the first attempt (default: now); ``held``
+    keeps the message in the held set (development mode) until `RedisQueue.release_held`.
     """
 
     token: str

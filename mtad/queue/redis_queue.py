@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from mtad.queue.client import RedisClient
 from mtad.queue.keys import (
     ACK,
+    ARCHIVE_PENDING,
     CANCEL_HELD,
     CLAIM,
     ENQUEUE,
@@ -33,6 +34,7 @@ from mtad.queue.keys import (
     HELD_BEFORE,
     HOLD,
     RELEASE,
+    RELEASE_ARCHIVED,
     RELEASE_HELD,
     REQUEUE_EXPIRED,
     RETRY,
@@ -142,7 +144,9 @@ class RedisQueue:
 
         One script call, one round trip: body, message hashes, due (or held) entries and one
         ``message.queued`` event per message. When it fires, the messages are durable (as durable as the
-        Redis persistence settings make them; see `persistence_info`).
+        Redis persistence settings make them; see `persistence_info`). Each event carries
+        ``raw_message_id``, the id of the shared body (the first message's id); the body stays pinned in
+        Redis until `release_archived` says it is in SQL.
         """
         if not messages:
             raise ValueError("enqueue needs at least one message")
@@ -160,7 +164,9 @@ class RedisQueue:
                 "held": m.held,
                 **m.event,
             }
+            # The script writes these two itself, once it has allocated the ids.
             event.pop("id", None)
+            event.pop("raw_message_id", None)
             tail = _event_json(event)[1:]
             fields: dict[str, str] = {
                 "token": m.token,
@@ -300,6 +306,32 @@ class RedisQueue:
         """
         at = "" if due_at is None else _number(due_at)
         return self._run(RELEASE, [message_id, lease_token, at]).addCallback(bool)
+
+    # -- archive --------------------------------------------------------------------------------------
+
+    def bodies_to_archive(self, raw_message_ids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """The bodies among ``raw_message_ids`` still pinned for the archive, by id, in one call.
+
+        A body already released (archived by an earlier read of the same events), gone, or stored before
+        bodies were archived is simply absent from the answer.
+        """
+        if not raw_message_ids:
+            return succeed({})
+
+        def parse(reply: list[Any]) -> dict[int, bytes]:
+            return {int(reply[i]): bytes(reply[i + 1]) for i in range(0, len(reply) - 1, 2)}
+
+        return self._run(ARCHIVE_PENDING, list(raw_message_ids)).addCallback(parse)
+
+    def release_archived(self, raw_message_ids: Sequence[int]) -> Deferred[int]:
+        """Unpin bodies that are now in SQL (one call for the batch); fires with how many were pinned.
+
+        Call only after the transaction that stored them has committed. Each body whose last message is
+        done goes at once; releasing twice changes nothing.
+        """
+        if not raw_message_ids:
+            return succeed(0)
+        return self._run(RELEASE_ARCHIVED, list(raw_message_ids)).addCallback(int)
 
     # -- inspect --------------------------------------------------------------------------------------
 

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from mtad.events.recorder import Event, Recorder, record_events
+from mtad.events.recorder import Event, Recorder, raw_message_ids, record_events
+from mtad.queue.events import EventStream
+from mtad.queue.model import NewEvent, NewMessage
+from mtad.queue.redis_queue import RedisQueue
+from mtad.store.db import make_engine
 from mtad.store.messages import MessageStatus, find_message, list_deliveries
-from tests.store.support import MYSQL, POSTGRES, DatabaseTestCase, SynchronousDatabase
+from mtad.store.migrate import upgrade_schema
+from mtad.store.raw_messages import raw_message_data
+from mtad.store.tables import raw_messages
+from tests.redis_server import RedisTestCase
+from tests.store.support import (
+    MYSQL,
+    POSTGRES,
+    SQLITE,
+    DatabaseTestCase,
+    SynchronousDatabase,
+    fresh_database_url,
+)
 
 NOW = 1_700_000_000.0
 
@@ -153,16 +170,28 @@ class ListEventSource:
         return succeed(None)
 
 
+class NoBodies:
+    """A `BodyArchive` with no body pinned, for tests of the event flow alone (`ArchiveTests` keeps
+    bodies with a real Redis)."""
+
+    def bodies_to_archive(self, raw_message_ids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        return succeed({})
+
+    def release_archived(self, raw_message_ids: Sequence[int]) -> Deferred[int]:
+        return succeed(0)
+
+
 class RecorderTests(DatabaseTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.clock = Clock()
         self.database = SynchronousDatabase(self.engine)
+        self.archive = NoBodies()
 
     def test_batches_recorded_then_acknowledged(self) -> None:
         """The recorder reads in batches, records each, acknowledges it, then idles on the clock."""
         source = ListEventSource(BATCH)
-        recorder = Recorder(self.database, source, self.clock, batch_size=2, idle_delay=1.0)
+        recorder = Recorder(self.database, source, self.clock, self.archive, batch_size=2, idle_delay=1.0)
         recorder.startService()
         self.assertEqual(source.acked, [e.id for e in BATCH])
         self.assertEqual(self.database.calls, 3)
@@ -179,7 +208,7 @@ class RecorderTests(DatabaseTestCase):
         """When recording fails, nothing is acknowledged and the batch is read again after retry_delay."""
         source = ListEventSource(BATCH)
         source.fail_reads = 1
-        recorder = Recorder(self.database, source, self.clock, retry_delay=5.0)
+        recorder = Recorder(self.database, source, self.clock, self.archive, retry_delay=5.0)
         recorder.startService()
         self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
         self.assertEqual(source.acked, [])
@@ -193,8 +222,173 @@ class RecorderTests(DatabaseTestCase):
         """If the SQL transaction fails, the events stay unacknowledged so they are recorded later."""
         source = ListEventSource(BATCH)
         self.transaction(lambda conn: conn.exec_driver_sql("DROP TABLE deliveries"))
-        recorder = Recorder(self.database, source, self.clock)
+        recorder = Recorder(self.database, source, self.clock, self.archive)
         result = Deferred.fromCoroutine(recorder.record_batch())
         self.failureResultOf(result)
         self.assertEqual(source.acked, [])
         self.assertIsNone(self.transaction(find_message, 1))
+
+
+BODY = b"From: app@example.org\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nHello \xf0\x9f\x91\x8b\r\n"
+
+
+class ArchiveTests(RedisTestCase):
+    """Raw messages kept by the recorder: real Redis (queue and stream), real SQL; SQLite here, PostgreSQL
+    and MariaDB in the subclasses when configured."""
+
+    backend = SQLITE
+
+    async def _set_up_redis(self) -> None:
+        await super()._set_up_redis()
+        self.queue = RedisQueue(self.redis, self.keys)
+        self.engine = make_engine(fresh_database_url(self, self.backend))
+        self.addCleanup(self.engine.dispose)
+        upgrade_schema(self.engine)
+        self.database = SynchronousDatabase(self.engine)
+        self.clock = Clock()
+        self.clock.advance(NOW)
+
+    def transaction(self, fn: Any, *args: Any) -> Any:
+        with self.engine.begin() as conn:
+            return fn(conn, *args)
+
+    def recorder(self, **options: Any) -> Recorder:
+        """A recorder as the daemon builds one; every call gives a new one under the same consumer name,
+        as after a crash and restart."""
+        stream = EventStream(self.redis, "recorder", "recorder-1", keys=self.keys)
+        return Recorder(self.database, stream, self.clock, self.queue, **options)
+
+    async def accept(self, *recipients: str, body: bytes = BODY) -> list[int]:
+        messages = [
+            NewMessage(
+                token=f"tok-{rcpt}",
+                server_id=3,
+                scope="outgoing",
+                mail_from="app@example.org",
+                rcpt_to=rcpt,
+                event={"subject": "Grüße"},
+            )
+            for rcpt in recipients
+        ]
+        return await self.queue.enqueue(body, messages, NOW)
+
+    async def deliver_all(self) -> None:
+        """Claim and ack every due message with a Sent event, as the delivery service does."""
+        for claimed in await self.queue.claim(NOW + 1, 100, 60.0, "deliverer"):
+            event = NewEvent(
+                "message.delivery",
+                {
+                    "message_id": claimed.id,
+                    "attempt": 1,
+                    "status": "Sent",
+                    "output": "250 OK",
+                    "details": "accepted",
+                    "timestamp": NOW + 1,
+                },
+            )
+            self.assertTrue(await self.queue.ack(claimed.id, claimed.lease_token, event))
+
+    def raw_count(self) -> int:
+        query = sa.select(sa.func.count()).select_from(raw_messages)
+        return int(self.transaction(lambda conn: conn.execute(query).scalar_one()))
+
+    async def body_in_redis(self, raw_message_id: int) -> bool:
+        return bool(await self.redis.execute("EXISTS", self.keys.body(raw_message_id)))
+
+    async def test_one_raw_message_per_accept(self) -> None:
+        """Three recipients of one accept: three message rows pointing at one raw message, stored once."""
+        ids = await self.accept("a@example.com", "b@example.com", "c@example.com")
+        self.assertEqual(await self.recorder().record_batch(), 3)
+        self.assertEqual(self.raw_count(), 1)
+        self.assertEqual(self.transaction(raw_message_data, ids[0]), BODY)
+        for id in ids:
+            self.assertEqual(self.transaction(find_message, id).raw_message_id, ids[0])
+        # Released in Redis, but still there for the three queued messages.
+        self.assertEqual(await self.queue.bodies_to_archive([ids[0]]), {})
+        self.assertEqual(await self.redis.execute("HGET", self.keys.body(ids[0]), "refs"), b"3")
+
+    async def test_delivered_before_recorded_still_archived(self) -> None:
+        """A message delivered (acked, its last reference dropped) before the recorder reads its queued
+        event still has its raw message stored; the body leaves Redis once it is in SQL."""
+        (id,) = await self.accept("a@example.com")
+        await self.deliver_all()
+        self.assertTrue(await self.body_in_redis(id))
+        self.assertEqual(await self.recorder().record_batch(), 2)
+        self.assertEqual(self.transaction(raw_message_data, id), BODY)
+        self.assertEqual(self.transaction(find_message, id).status, MessageStatus.SENT)
+        self.assertFalse(await self.body_in_redis(id))
+
+    async def test_crash_after_commit_before_release(self) -> None:
+        """A recorder that stored a batch but died before releasing its bodies: the batch read again stores
+        nothing twice, and the bodies are released then."""
+        (id,) = await self.accept("a@example.com")
+        await self.deliver_all()
+        stream = EventStream(self.redis, "recorder", "recorder-1", keys=self.keys)
+        events = await stream.read(100)
+        bodies = await self.queue.bodies_to_archive(raw_message_ids(events))
+        await self.database.run(record_events, events, NOW, bodies)
+        # Crash. The restarted recorder reads its unacknowledged batch again.
+        self.assertEqual(await self.recorder().record_batch(), 2)
+        self.assertEqual(self.raw_count(), 1)
+        self.assertEqual(self.transaction(raw_message_data, id), BODY)
+        self.assertFalse(await self.body_in_redis(id))
+        self.assertEqual(await self.recorder().record_batch(), 0)
+
+    async def test_crash_after_release_before_ack(self) -> None:
+        """A recorder that released a batch's bodies but died before acknowledging it: the batch read again
+        releases nothing more, so a recipient still queued keeps its body and is delivered with it."""
+        ids = await self.accept("a@example.com", "b@example.com")
+        stream = EventStream(self.redis, "recorder", "recorder-1", keys=self.keys)
+        events = await stream.read(100)
+        bodies = await self.queue.bodies_to_archive(raw_message_ids(events))
+        await self.database.run(record_events, events, NOW, bodies)
+        await self.queue.release_archived(list(bodies))
+        (first,) = await self.queue.claim(NOW + 1, 1, 60.0, "deliverer")
+        self.assertTrue(await self.queue.ack(first.id, first.lease_token))
+        # Crash before the acknowledgement: the restarted recorder reads the same two events again.
+        self.assertEqual(await self.recorder().record_batch(), 2)
+        self.assertEqual(await self.recorder().record_batch(), 0)
+        self.assertEqual(self.raw_count(), 1)
+        self.assertEqual(self.transaction(raw_message_data, ids[0]), BODY)
+        (second,) = await self.queue.claim(NOW + 1, 1, 60.0, "deliverer")
+        self.assertEqual((second.id, second.body), (ids[1], BODY))
+        self.assertTrue(await self.queue.ack(second.id, second.lease_token))
+        self.assertFalse(await self.body_in_redis(ids[0]))
+
+    async def test_batch_bounded_by_body_bytes(self) -> None:
+        """A batch takes bodies up to ``batch_bytes`` (at least one); the rest come in the next batches."""
+        big = b"x" * 1000
+        first = await self.accept("a@example.com", "b@example.com", body=big)
+        second = await self.accept("c@example.com", body=big)
+        third = await self.accept("d@example.com", body=big)
+        recorder = self.recorder(batch_bytes=1500)
+        self.assertEqual([await recorder.record_batch() for _ in range(4)], [2, 1, 1, 0])
+        for id in (first[0], second[0], third[0]):
+            self.assertEqual(self.transaction(raw_message_data, id), big)
+
+    async def test_event_without_raw_message(self) -> None:
+        """A queued event from before raw messages were kept records its message without one."""
+        data = {
+            "id": 77,
+            "token": "t77",
+            "server_id": 3,
+            "scope": "outgoing",
+            "mail_from": "app@example.org",
+            "rcpt_to": "a@example.com",
+            "size": 10,
+            "timestamp": NOW,
+        }
+        await self.redis.execute(
+            "XADD", self.keys.events, "*", "type", "message.queued", "data", json.dumps(data)
+        )
+        self.assertEqual(await self.recorder().record_batch(), 1)
+        self.assertIsNone(self.transaction(find_message, 77).raw_message_id)
+        self.assertEqual(self.raw_count(), 0)
+
+
+class ArchivePostgresTests(ArchiveTests):
+    backend = POSTGRES
+
+
+class ArchiveMySQLTests(ArchiveTests):
+    backend = MYSQL

@@ -72,12 +72,13 @@ class EnqueueTests(QueueTestCase):
         self.assertEqual(await self.redis.execute("HGET", body_key, "refs"), b"3")
 
     async def test_body_read_back_until_gone(self) -> None:
-        """body() gives a queued message's stored body, and None once the message is done."""
+        """body() gives a queued message's stored body, and None once the message is done and archived."""
         (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
         fields = await self.queue.message_fields(mid)
         self.assertEqual(await self.queue.body(fields), BODY)
         claimed = await self.claim_one()
         self.assertTrue(await self.queue.ack(mid, claimed.lease_token))
+        await self.queue.release_archived([mid])
         self.assertIsNone(await self.queue.body(fields))
         self.assertIsNone(await self.queue.body(await self.queue.message_fields(mid)))
 
@@ -228,9 +229,10 @@ class SettleTests(QueueTestCase):
         self.assertEqual(len(await self.events()), 1)
 
     async def test_body_deleted_with_last_reference(self) -> None:
-        """The shared body survives until the last sibling is acked, then is deleted."""
+        """The shared body (once archived) survives until the last sibling is acked, then is deleted."""
         ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
         body_key = self.keys.body(ids[0])
+        await self.queue.release_archived([ids[0]])
         a, b = await self.queue.claim(NOW, 10, 60, "w")
         self.assertTrue(await self.queue.ack(a.id, a.lease_token))
         self.assertEqual(await self.redis.execute("HGET", body_key, "refs"), b"1")
@@ -316,9 +318,68 @@ class HeldTests(QueueTestCase):
         self.assertFalse(await self.queue.cancel_held(other))
         self.assertTrue(await self.queue.cancel_held(mid, NewEvent("message.cancelled", {"message_id": mid})))
         self.assertEqual(await self.queue.message_fields(mid), {})
+        await self.queue.release_archived([mid])
         self.assertFalse(await self.exists(self.keys.body(mid)))
         self.assertEqual((await self.events())[-1], ("message.cancelled", {"message_id": mid}))
         self.assertEqual((await self.queue.stats(NOW)).held, 0)
+
+
+class ArchiveTests(QueueTestCase):
+    """Bodies pinned for the recorder's archive: kept until released, released once."""
+
+    async def settle_all(self) -> None:
+        for claimed in await self.queue.claim(NOW, 100, 60, "w"):
+            self.assertTrue(await self.queue.ack(claimed.id, claimed.lease_token))
+
+    async def test_queued_events_name_the_shared_body(self) -> None:
+        """Every message.queued event of one accept carries the body's id, the first message id."""
+        ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        (single,) = await self.queue.enqueue(BODY, [message(event={"raw_message_id": 1, "id": 2})], NOW)
+        events = [data for kind, data in await self.events() if kind == "message.queued"]
+        self.assertEqual(
+            [(e["id"], e["raw_message_id"]) for e in events],
+            [(ids[0], ids[0]), (ids[1], ids[0]), (single, single)],
+        )
+
+    async def test_body_outlives_its_messages_until_released(self) -> None:
+        """A body whose messages are all done stays (pinned) for the archive; releasing it deletes it."""
+        ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        await self.settle_all()
+        self.assertEqual(await self.queue.bodies_to_archive([ids[0]]), {ids[0]: BODY})
+        self.assertEqual(await self.queue.release_archived([ids[0]]), 1)
+        self.assertFalse(await self.exists(self.keys.body(ids[0])))
+        self.assertEqual(await self.queue.bodies_to_archive([ids[0]]), {})
+
+    async def test_release_is_idempotent(self) -> None:
+        """Releasing a body twice (events read twice) never takes it from a message still queued."""
+        ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        self.assertEqual(await self.queue.release_archived([ids[0]]), 1)
+        self.assertEqual(await self.queue.release_archived([ids[0]]), 0)
+        self.assertEqual(await self.queue.bodies_to_archive([ids[0]]), {})
+        a, b = await self.queue.claim(NOW, 10, 60, "w")
+        self.assertTrue(await self.queue.ack(a.id, a.lease_token))
+        self.assertEqual(await self.queue.release_archived([ids[0]]), 0)
+        self.assertEqual(await self.queue.body(await self.queue.message_fields(b.id)), BODY)
+        self.assertTrue(await self.queue.ack(b.id, b.lease_token))
+        self.assertFalse(await self.exists(self.keys.body(ids[0])))
+
+    async def test_bodies_to_archive_in_one_call(self) -> None:
+        """Pinned bodies come back by id; unknown ids and released bodies are left out."""
+        (first,) = await self.queue.enqueue(BODY, [message()], NOW)
+        (second,) = await self.queue.enqueue(b"other", [message()], NOW)
+        (third,) = await self.queue.enqueue(b"", [message()], NOW)
+        await self.queue.release_archived([second])
+        self.assertEqual(
+            await self.queue.bodies_to_archive([first, second, third, third + 100]), {first: BODY, third: b""}
+        )
+
+    async def test_unpinned_body_goes_with_its_last_message(self) -> None:
+        """A body stored before bodies were pinned (no ``archive`` field) goes with its last message."""
+        ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        await self.redis.execute("HDEL", self.keys.body(ids[0]), "archive")
+        await self.settle_all()
+        self.assertFalse(await self.exists(self.keys.body(ids[0])))
+        self.assertEqual(await self.queue.release_archived([ids[0]]), 0)
 
 
 class StatsTests(QueueTestCase):
@@ -385,6 +446,7 @@ class HeldReadAndExpireTests(QueueTestCase):
         (due,) = await self.queue.enqueue(BODY, [message("d@x.test")], NOW)
         self.assertEqual(await self.queue.expire_held(NOW + 50, 10, self.cancelled), [old])
         self.assertEqual(await self.queue.message_fields(old), {})
+        await self.queue.release_archived([old])
         self.assertFalse(await self.exists(self.keys.body(old)))
         self.assertIsNotNone(await self.queue.held_message(young))
         self.assertEqual((await self.queue.message_fields(due))["state"], "due")
