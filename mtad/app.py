@@ -59,6 +59,7 @@ from mtad.status import ListenerStatus, StatusReporter
 from mtad.store.db import Database
 from mtad.store.domains import find_sending_domain
 from mtad.store.migrate import schema_problem, upgrade_schema
+from mtad.store.raw_messages import RawMessageRetention
 from mtad.store.servers import Server
 from mtad.tls import ensure_self_signed, server_context
 
@@ -160,6 +161,16 @@ class MtadService(Service):
         recorder = Recorder(self.database, await self._stream("recorder"), self._reactor, self.queue)
         recorder.startService()
         self._on_stop("recorder", recorder.stopService)
+        retention = config.retention
+        raw_retention = RawMessageRetention(
+            self._reactor,
+            self.database,
+            retention.raw_message_days * 86400,
+            max_bytes=retention.raw_message_max_mb * 1024 * 1024 or None,
+            interval=retention.sweep_interval,
+        )
+        raw_retention.startService()
+        self._on_stop("raw message retention", raw_retention.stopService)
         resolver = self._resolver()
         if config.domains.check_enabled:
             checker = DomainDNSChecker(

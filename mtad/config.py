@@ -190,6 +190,18 @@ class DomainsConfig:
 
 
 @attrs.frozen
+class RetentionConfig:
+    """How long raw messages are kept in SQL after acceptance (Postal's raw message retention)."""
+
+    #: Days a raw message is kept after it was accepted (Postal: ``raw_message_retention_days``, 30).
+    raw_message_days: float = attrs.field(default=30.0, metadata=_check(_positive))
+    #: Megabytes (MiB) all raw messages may take together; the oldest go first beyond it. 0: no limit.
+    raw_message_max_mb: int = attrs.field(default=0, metadata=_check(_not_negative))
+    #: Seconds between sweeps that delete raw messages retention no longer keeps.
+    sweep_interval: float = attrs.field(default=3600.0, metadata=_check(_positive))
+
+
+@attrs.frozen
 class SourceAddressConfig:
     #: Local address outbound connections bind to.
     ip: str
@@ -213,6 +225,7 @@ class Config:
     dns: DNSConfig = DNSConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     domains: DomainsConfig = DomainsConfig()
+    retention: RetentionConfig = RetentionConfig()
     #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
     #: source address and ``general.hostname`` as HELO name.
     ip_pools: tuple[IPPoolConfig, ...] = ()
