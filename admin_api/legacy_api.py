@@ -24,13 +24,16 @@ Where we differ from Postal, on purpose:
 - Failures Postal never had to report: ``QueueUnavailable`` and ``QueueFull`` (nothing was stored: try
   again later), ``TemporaryFailure`` (the database or domain check did not answer), ``MessageTooLarge``,
   and ``InternalError``. All are ``status: "error"``; none is ever answered for a stored message.
-- The bodies, attachments, headers and raw message of ``messages/message`` are available while the message
-  is in the queue; once delivered they are null, since raw messages are not kept yet.
+- The bodies, attachments, headers and raw message of ``messages/message`` come from the queue until the
+  message is recorded, then from the raw messages kept in SQL (`mtad.store.raw_messages`). Once retention
+  has deleted the raw message they are what Postal answers for a purged one (`PURGED_RAW_EXPANSIONS`);
+  unlike Postal, ``details.size`` keeps the message's size.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import email.parser
 import email.policy
 import email.utils
@@ -77,6 +80,7 @@ from mtad.store.credentials import (
 )
 from mtad.store.db import Database
 from mtad.store.messages import Delivery, Message, MessageStatus, Scope, find_message, list_deliveries
+from mtad.store.raw_messages import raw_message_data
 from mtad.store.servers import Server, find_server
 
 P = ParamSpec("P")
@@ -103,6 +107,17 @@ SEND_ERRORS = {
 
 #: Expansions that need the message itself, not just its history row.
 RAW_EXPANSIONS = frozenset({"plain_body", "html_body", "attachments", "headers", "raw_message"})
+
+#: Postal's expansions for a message whose raw message is gone (``Postal::MessageDB::Message`` once
+#: retention has set ``raw_table`` to NULL): no parsed mail, so no bodies and no attachments; headers parsed
+#: from empty headers; and ``raw_message`` is the empty headers and body joined by a blank line, base64.
+PURGED_RAW_EXPANSIONS: dict[str, Any] = {
+    "plain_body": None,
+    "html_body": None,
+    "attachments": [],
+    "headers": {},
+    "raw_message": "DQoNCg==\n",
+}
 
 #: How long an unknown API key is remembered as unknown: long enough to spare the database a client
 #: retrying a wrong key in a loop, short enough that a key just created works almost at once.
@@ -157,6 +172,16 @@ def find_api_credential(conn: Connection, key: str) -> tuple[Credential, Server]
         return None
     server = find_server(conn, credential.server_id)
     return None if server is None else (credential, server)
+
+
+def find_message_and_raw(conn: Connection, id: int, with_raw: bool) -> tuple[Message, bytes | None] | None:
+    """A recorded message and (if ``with_raw``) its raw message, None when gone; None if not recorded."""
+    message = find_message(conn, id)
+    if message is None:
+        return None
+    if not with_raw or message.raw_message_id is None:
+        return message, None
+    return message, raw_message_data(conn, message.raw_message_id)
 
 
 def find_deliveries(conn: Connection, server_id: int, message_id: int) -> list[Delivery] | None:
@@ -221,14 +246,15 @@ def _headers(raw: bytes) -> dict[str, list[str]]:
 
 
 def raw_expansions(raw: bytes | None, wanted: frozenset[str]) -> dict[str, Any]:
-    """The expansions read from the message itself; all null when the message is not available."""
+    """The expansions read from the message itself; Postal's purged answer when it is gone (None)."""
+    if raw is None:
+        return {name: copy.copy(value) for name, value in PURGED_RAW_EXPANSIONS.items() if name in wanted}
     data: dict[str, Any] = {}
-    parsed: EmailMessage | None = None
-    if raw is not None:
-        try:
-            parsed = _PARSER.parsebytes(raw)
-        except Exception:
-            parsed = None
+    parsed: EmailMessage | None
+    try:
+        parsed = _PARSER.parsebytes(raw)
+    except Exception:
+        parsed = None
     if "plain_body" in wanted:
         data["plain_body"] = None if parsed is None else _body_text(parsed, "plain")
     if "html_body" in wanted:
@@ -236,9 +262,9 @@ def raw_expansions(raw: bytes | None, wanted: frozenset[str]) -> dict[str, Any]:
     if "attachments" in wanted:
         data["attachments"] = None if parsed is None else _attachments(parsed)
     if "headers" in wanted:
-        data["headers"] = None if raw is None else _headers(raw)
+        data["headers"] = _headers(raw)
     if "raw_message" in wanted:
-        data["raw_message"] = None if raw is None else ruby_base64(raw)
+        data["raw_message"] = ruby_base64(raw)
     return data
 
 
@@ -686,13 +712,17 @@ class LegacyAPI:
         """``messages/message``: one of the server's messages, with the expansions asked for."""
         given, id = p.message_id(params)
         wanted = p.expansions(params)
+        raw_wanted = bool(wanted & RAW_EXPANSIONS)
         message: Message | None = None
+        raw: bytes | None = None
         if id is not None:
-            message = await self._db(find_message, id)
+            found = await self._db(find_message_and_raw, id, raw_wanted)
+            if found is not None:
+                message, raw = found
             if message is not None and message.server_id != caller.server.id:
                 raise APIError("MessageNotFound", "No message found matching provided ID", id=given)
-        raw: bytes | None = None
-        if id is not None and (message is None or wanted & RAW_EXPANSIONS):
+        # Not recorded yet, or recorded without a raw message in SQL (it may still be queued).
+        if id is not None and (message is None or (raw_wanted and raw is None)):
             queued = await self._queued(caller.server, id, required=message is None)
             if queued is not None:
                 fields, raw = queued
