@@ -129,6 +129,11 @@ def queue_location(config: Config) -> tuple[str, str | None]:
     return embedded.url, embedded.socket_path
 
 
+_ALLOW_SENDER_ON = (
+    "the Sender domain may authenticate its messages when the From domain does not (allow_sender)"
+)
+
+
 class _Commands:
     def __init__(
         self,
@@ -215,9 +220,29 @@ class _Commands:
                 time.time(),
                 mode=server_store.ServerMode(args.mode),
                 permalink=args.permalink,
+                allow_sender=args.allow_sender,
             )
         )
         self.print(f"server {server.full_permalink} created (mode {server.mode}, token {server.token})")
+        if server.allow_sender:
+            self.print(_ALLOW_SENDER_ON)
+
+    def set_server(self, args: argparse.Namespace) -> None:
+        if args.allow_sender is None:
+            raise CommandError("nothing to change: give --allow-sender or --no-allow-sender")
+
+        def update(conn: Connection) -> server_store.Server:
+            server = server_store.get_server_by_name(conn, args.server)
+            return server_store.set_allow_sender(conn, server.id, args.allow_sender, time.time())
+
+        server = self.transaction(update)
+        self.print(
+            f"server {server.full_permalink}: "
+            + (
+                _ALLOW_SENDER_ON if server.allow_sender else "only the From domain authenticates its messages"
+            ),
+            "(running daemons see the change within a minute)",
+        )
 
     def make_credential(self, args: argparse.Namespace) -> None:
         def make(conn: Connection) -> tuple[server_store.Server, credential_store.NewCredential]:
@@ -255,8 +280,18 @@ class _Commands:
     def list_servers(self, args: argparse.Namespace) -> None:
         servers = self.transaction(lambda conn: server_store.list_servers(conn, args.organization))
         self._table(
-            ["SERVER", "NAME", "MODE", "TOKEN", "SUSPENDED"],
-            [[s.full_permalink, s.name, s.mode, s.token, "yes" if s.suspended else "no"] for s in servers],
+            ["SERVER", "NAME", "MODE", "TOKEN", "SUSPENDED", "ALLOW SENDER"],
+            [
+                [
+                    s.full_permalink,
+                    s.name,
+                    s.mode,
+                    s.token,
+                    "yes" if s.suspended else "no",
+                    "yes" if s.allow_sender else "no",
+                ]
+                for s in servers
+            ],
         )
 
     def list_credentials(self, args: argparse.Namespace) -> None:
@@ -684,6 +719,12 @@ def _status(status: str | None, error: str | None) -> str:
     return f"{status}: {error}" if error else status
 
 
+_ALLOW_SENDER_HELP = (
+    "a message whose From domain is not one of the server's sending domains may be sent if its Sender "
+    "domain is (Postal's allow_sender; SMTP and the HTTP API)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtad", description="Operate an mtad installation's database.")
     parser.add_argument("--config", "-c", metavar="PATH", help="TOML configuration file (default: built-in)")
@@ -701,6 +742,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--mode", choices=[m.value for m in server_store.ServerMode], default="Live")
     p.add_argument("--permalink", help="short name (default: made from NAME)")
+    p.add_argument("--allow-sender", action="store_true", help=_ALLOW_SENDER_HELP)
+
+    p = commands.add_parser("set-server", help="change a server's settings")
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument("--allow-sender", action=argparse.BooleanOptionalAction, help=_ALLOW_SENDER_HELP)
 
     p = commands.add_parser("make-credential", help="create a credential; prints its secret once")
     p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")

@@ -69,6 +69,33 @@ class CLITests(SynchronousTestCase):
         self.assertIn("Development", out)
         self.assertIn(token.group(1), out)
 
+    def test_allow_sender(self) -> None:
+        """make-server --allow-sender and set-server --[no-]allow-sender set the server's allow_sender,
+        which list-servers shows; set-server without a change or for an unknown server exits 1."""
+        self.mtad("initialize")
+        self.mtad("make-organization", "Acme")
+        out, _ = self.mtad("make-server", "acme", "Main", "--allow-sender")
+        self.assertIn("the Sender domain may authenticate", out)
+        out, _ = self.mtad("make-server", "acme", "Other")
+        self.assertNotIn("Sender", out)
+
+        def allow_sender() -> dict[str, str]:
+            out, _ = self.mtad("list-servers")
+            header, *rows = out.splitlines()
+            self.assertTrue(header.endswith("ALLOW SENDER"), header)
+            return {row.split()[0]: row.split()[-1] for row in rows}
+
+        self.assertEqual(allow_sender(), {"acme/main": "yes", "acme/other": "no"})
+        out, _ = self.mtad("set-server", "acme/other", "--allow-sender")
+        self.assertIn("acme/other: the Sender domain may authenticate", out)
+        out, _ = self.mtad("set-server", "main", "--no-allow-sender")
+        self.assertIn("acme/main: only the From domain authenticates", out)
+        self.assertEqual(allow_sender(), {"acme/main": "no", "acme/other": "yes"})
+        _, err = self.mtad("set-server", "acme/main", status=1)
+        self.assertIn("nothing to change", err)
+        _, err = self.mtad("set-server", "acme/none", "--allow-sender", status=1)
+        self.assertIn("no server 'acme/none'", err)
+
     def test_duplicate_and_unknown_are_errors(self) -> None:
         """Duplicate organizations and unknown organizations exit 1 with a one-line message naming them."""
         self.mtad("initialize")
