@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtad.mail.headers import decode_value as _decode
-from mtad.mail.headers import header_section, read_fields
+from mtad.mail.headers import header_addresses, header_section, read_fields
 from mtad.queue.model import NewMessage, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
 from mtad.store.servers import Server, ServerMode
@@ -82,6 +82,25 @@ def parse_headers(message: bytes) -> MessageHeaders:
     tags = fields.get(b"x-postal-tag")
     tag = _decode(tags[-1]).strip() if tags else ""
     return MessageHeaders(subject=subject, message_id=message_id or None, tag=tag or None)
+
+
+async def headers_authenticated(
+    message: bytes, address_allowed: Callable[[str], Awaitable[bool]], *, allow_sender: bool
+) -> bool:
+    """Whether ``message``'s header fields name a sender its server may send as (Postal's
+    ``Server#find_authenticated_domain_from_headers``, for SMTP and ``send/raw`` alike).
+
+    Every From address must be allowed (``address_allowed``); failing that, where the server has
+    ``allow_sender``, every Sender address. A missing or empty field never authenticates.
+    """
+    for name in ("from", "sender") if allow_sender else ("from",):
+        addresses = header_addresses(message, name) or [""]
+        for address in addresses:
+            if not await address_allowed(address):
+                break
+        else:
+            return True
+    return False
 
 
 class Acceptor:

@@ -354,6 +354,7 @@ class MtadService(Service):
             self._reactor,
             database,
             acceptor,
+            sending_domain_check=self._may_send_from,
             listeners_without_auth=without_auth,
         )
         # One failed-AUTH count per client IP for all listeners and all processes sharing this Redis.
@@ -392,6 +393,12 @@ class MtadService(Service):
         self._on_stop("smtp sessions", self._drain_smtp_sessions)
         return statuses
 
+    async def _may_send_from(self, server: Server, domain: str) -> bool:
+        """Whether ``server`` may send as ``domain`` (From-authentication of SMTP and the send API)."""
+        assert self.database is not None
+        found = await self.database.run(find_sending_domain, server.id, server.organization_id, domain)
+        return found is not None
+
     async def _drain_smtp_sessions(self) -> None:
         """Close idle sessions at once; give those storing a message a moment to send their reply.
 
@@ -424,16 +431,13 @@ class MtadService(Service):
             embedded_redis=self.embedded_redis is not None,
         )
 
-        async def may_send_from(server: Server, domain: str) -> bool:
-            found = await database.run(find_sending_domain, server.id, server.organization_id, domain)
-            return found is not None
-
         legacy = LegacyAPI(
             self._reactor,
             database,
             acceptor,
             queue,
-            sending_domain_check=may_send_from,
+            sending_domain_check=self._may_send_from,
+            sender_allowed=lambda server: server.allow_sender,
             max_message_size=config.smtp.max_message_size,
             hostname=config.general.hostname,
             in_thread=lambda fn: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn),

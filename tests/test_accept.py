@@ -14,6 +14,7 @@ from mtad.accept import (
     Acceptor,
     ServerSuspended,
     header_section,
+    headers_authenticated,
     parse_headers,
 )
 from mtad.events.recorder import parse_queued
@@ -109,6 +110,31 @@ class HeaderTests(SynchronousTestCase):
         )
         self.assertIsInstance(headers.subject, str)
         self.assertIsNone(headers.message_id)
+
+
+class HeadersAuthenticatedTests(SynchronousTestCase):
+    def authenticated(self, message: bytes, allow_sender: bool) -> bool:
+        async def allowed(address: str) -> bool:
+            return address.endswith("@example.test")
+
+        d = Deferred.fromCoroutine(headers_authenticated(message, allowed, allow_sender=allow_sender))
+        result: bool = self.successResultOf(d)
+        return result
+
+    def test_every_from_address(self) -> None:
+        """Every From address must be allowed; a missing From never is."""
+        self.assertTrue(self.authenticated(b"From: A <a@example.test>, b@example.test\r\n\r\n", False))
+        self.assertFalse(self.authenticated(b"From: a@example.test, b@foreign.test\r\n\r\n", False))
+        self.assertFalse(self.authenticated(b"Subject: no From\r\n\r\n", True))
+
+    def test_sender_only_when_allowed(self) -> None:
+        """Sender stands in for a From that is not allowed only with allow_sender, and then every Sender
+        address must be allowed."""
+        message = b"From: a@foreign.test\r\nSender: s@example.test\r\n\r\nbody\r\n"
+        self.assertFalse(self.authenticated(message, False))
+        self.assertTrue(self.authenticated(message, True))
+        message = b"From: a@foreign.test\r\nSender: s@example.test, t@foreign.test\r\n\r\n"
+        self.assertFalse(self.authenticated(message, True))
 
 
 class AcceptTests(RedisTestCase):

@@ -2,7 +2,10 @@
 
 mtad routes no domains yet (inbound routes come later), so every recipient is relay, and DESIGN invariant 4
 applies to each: it is accepted only for a session that authenticated with an SMTP credential (RFC 4954)
-or that connects from the network of an SMTP-IP credential, as in Postal.
+or that connects from the network of an SMTP-IP credential, as in Postal. As in Postal too, the message
+itself must come from its server: every From address in a sending domain of the server, or, where the
+server has ``allow_sender``, every Sender address (`mtad.accept.headers_authenticated`, the check the send
+API makes); otherwise the message is refused at the end of DATA.
 
 Nothing is kept per session. What a session maps to follows from what `SessionInfo` carries every time
 (the `AuthIdentity` our `authenticate` returned, or the client address), looked up through short-lived
@@ -13,7 +16,7 @@ and a revoked credential or a suspended server takes effect within ``cache_secon
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Connection
@@ -22,8 +25,9 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mtad.accept import Acceptor, ServerSuspended
-from mtad.caching import ExpiringCache
+from mtad.accept import Acceptor, ServerSuspended, headers_authenticated
+from mtad.caching import ExpiringCache, SharedLookups
+from mtad.mail.compose import domain_of
 from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo, SMTPPolicy
 from mtad.smtp.reply import Reply
@@ -51,6 +55,12 @@ SERVER_SUSPENDED = Reply(554, "5.7.1", "Mail server has been suspended")
 #: The credential the session authenticated with has been deleted since.
 CREDENTIAL_REVOKED = Reply(554, "5.7.1", "Credential is no longer valid")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+#: Postal's words for a message whose From (or Sender) is not its server's to send as. Postal answers 530,
+#: but RFC 4954 §6 keeps 530 for "authenticate first", which would not help: the session is already
+#: allowed to relay. 554 5.7.1 (RFC 3463 X.7.1, delivery not authorized), as for the other refusals here.
+FROM_NOT_ALLOWED = Reply(
+    554, "5.7.1", "From/Sender name is not valid: not a verified sending domain of this mail server"
+)
 #: RFC 3463 X.3.0: the system (database or queue) failed; the client keeps the message and retries.
 TRY_AGAIN = Reply(451, "4.3.0", "Temporary failure, try again later")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
@@ -90,9 +100,12 @@ def queued_reply(ids: Sequence[int]) -> Reply:
 class RelayPolicy:
     """`~mtad.smtp.policy.SMTPPolicy` for authenticated and IP-trusted sending.
 
-    Every database call is bounded by ``timeout`` on ``clock``. Credentials, servers and the SMTP-IP list
-    are cached for ``cache_seconds``. ``listeners_without_auth`` names listeners that never offer AUTH (no
-    TLS, no STARTTLS and no plaintext AUTH): a refused relay there is ``554 5.7.1``, not ``530 5.7.0``.
+    ``sending_domain_check(server, domain)`` says whether ``server`` may send as ``domain`` (the daemon
+    gives one backed by ``mtad.store.domains.find_sending_domain``, as to the send API). Every database
+    call and domain check is bounded by ``timeout`` on ``clock``. Credentials, servers, the SMTP-IP list
+    and domain check answers are cached for ``cache_seconds``. ``listeners_without_auth`` names listeners
+    that never offer AUTH (no TLS, no STARTTLS and no plaintext AUTH): a refused relay there is
+    ``554 5.7.1``, not ``530 5.7.0``.
     """
 
     log = Logger()
@@ -103,6 +116,7 @@ class RelayPolicy:
         database: Database,
         acceptor: Acceptor,
         *,
+        sending_domain_check: Callable[[Server, str], Awaitable[bool]],
         cache_seconds: float = 60.0,
         timeout: float = 30.0,
         listeners_without_auth: Collection[str] = (),
@@ -110,11 +124,14 @@ class RelayPolicy:
         self.clock = clock
         self.database = database
         self.acceptor = acceptor
+        self.sending_domain_check = sending_domain_check
         self.cache_seconds = cache_seconds
         self.timeout = timeout
         self.listeners_without_auth = frozenset(listeners_without_auth)
         self._credentials: ExpiringCache[int, Credential] = ExpiringCache(clock, cache_seconds)
         self._servers: ExpiringCache[int, Server] = ExpiringCache(clock, cache_seconds)
+        self._domains: ExpiringCache[tuple[int, str], bool] = ExpiringCache(clock, cache_seconds)
+        self._domain_lookups: SharedLookups[tuple[int, str], bool] = SharedLookups()
         self._ip_credentials: list[tuple[IPNetwork, Credential]] = []
         self._ip_credentials_expire = float("-inf")
         #: When each SMTP-IP credential's last use was last written (bounded by the number of them).
@@ -227,6 +244,24 @@ class RelayPolicy:
         if refusal is not None or credential is None or server is None:
             return refusal or RELAY_DENIED
         try:
+            allowed = await headers_authenticated(
+                message,
+                lambda address: self._address_allowed(server, address),
+                allow_sender=server.allow_sender,
+            )
+        except Exception:
+            self.log.failure(
+                "smtp sending domain check failed in {session_id}", session_id=session.session_id
+            )
+            return TRY_AGAIN
+        if not allowed:
+            self.log.info(
+                "smtp message in {session_id} refused: From/Sender not a sending domain of {server}",
+                session_id=session.session_id,
+                server=server.full_permalink,
+            )
+            return FROM_NOT_ALLOWED
+        try:
             accepted = await self.acceptor.accept(
                 server,
                 Scope.OUTGOING.value,
@@ -295,6 +330,34 @@ class RelayPolicy:
             if server is not None:
                 self._servers.put(id, server)
         return server
+
+    async def _address_allowed(self, server: Server, address: str) -> bool:
+        domain = domain_of(address)
+        return "@" in address and bool(domain) and await self._domain_allowed(server, domain)
+
+    async def _domain_allowed(self, server: Server, domain: str) -> bool:
+        """``sending_domain_check``'s answer, cached; concurrent checks of one domain share one."""
+        key = (server.id, domain)
+        cached = self._domains.get(key)
+        if cached is not None:
+            return cached
+
+        async def check() -> bool:
+            d = Deferred.fromCoroutine(self._check_domain(server, domain))
+            d.addTimeout(self.timeout, self.clock)
+            try:
+                return await d
+            except DeferredTimeoutError:
+                raise DatabaseTimeout(
+                    f"sending domain check did not answer within {self.timeout} s"
+                ) from None
+
+        allowed = await self._domain_lookups.run(key, check)
+        self._domains.put(key, allowed)
+        return allowed
+
+    async def _check_domain(self, server: Server, domain: str) -> bool:
+        return bool(await self.sending_domain_check(server, domain))
 
     async def _ip_credential_list(self) -> list[tuple[IPNetwork, Credential]]:
         if self._ip_credentials_expire <= self.clock.seconds():

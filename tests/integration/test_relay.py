@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any, ClassVar, cast
 
 import dkim
@@ -15,6 +16,7 @@ from twisted.web.http_headers import Headers
 from mtad.mail.dkim_keys import dkim_txt_value
 from mtad.store.domains import get_domain_by_name, list_keys
 from mtad.store.messages import MessageStatus, find_message, list_deliveries, list_messages
+from mtad.store.servers import set_allow_sender
 from tests.integration.support import Harness, message, until
 from tests.redis_server import real_reactor
 from tests.store.support import MYSQL, POSTGRES, SQLITE, fresh_database_url
@@ -198,6 +200,38 @@ class RelayTests(unittest.TestCase):
         await until(h.reactor, lambda: self.statuses(h) == [MessageStatus.SENT])
         row = h.installation.query(find_message, message_id)
         self.assertEqual(row.subject, "Über API 🎉")
+
+    async def test_allow_sender(self) -> None:
+        """A server with allow_sender gets mail whose From is outside its domains accepted over SMTP and the
+        send API when Sender is one of them; without such a Sender, DATA is refused 554 5.7.1."""
+        h = self.harness()
+        h.installation.query(set_allow_sender, h.installation.server_id, True, time.time())
+        await h.start()
+        client = await h.session()
+        body = b"From: app@foreign.test\r\nSender: app@sender.test\r\nSubject: via Sender\r\n\r\nHi\r\n"
+        code, text = await client.send_message("app@sender.test", ["alice@example.com"], body)
+        self.assertEqual(code, 250, text)
+        params = {
+            "to": ["bob@example.com"],
+            "from": "app@foreign.test",
+            "sender": "app@sender.test",
+            "subject": "via Sender",
+            "plain_body": "Hi",
+        }
+        response = await Agent(h.reactor).request(
+            b"POST",
+            f"http://127.0.0.1:{h.port('http')}/api/v1/send/message".encode(),
+            Headers({"X-Server-API-Key": [h.installation.api_key], "Content-Type": ["application/json"]}),
+            FileBodyProducer(io.BytesIO(json.dumps(params).encode())),
+        )
+        answer = json.loads(await readBody(response))
+        self.assertEqual(answer["status"], "success", answer)
+        await h.sink.wait_for_messages(2)
+        code, text = await client.send_message(
+            "app@foreign.test", ["alice@example.com"], b"From: app@foreign.test\r\nSubject: x\r\n\r\nHi\r\n"
+        )
+        self.assertEqual(code, 554, text)
+        self.assertTrue(text.startswith("5.7.1 From/Sender name is not valid"), text)
 
     async def test_send_api_refuses_unknown_key(self) -> None:
         """An unknown X-Server-API-Key gets Postal's InvalidServerAPIKey error and queues nothing."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,6 +18,7 @@ from mtad.smtp.relay_policy import (
     AUTH_REQUIRED,
     CREDENTIAL_HOLD,
     CREDENTIAL_REVOKED,
+    FROM_NOT_ALLOWED,
     RELAY_DENIED,
     SERVER_SUSPENDED,
     DatabaseTimeout,
@@ -26,6 +27,7 @@ from mtad.smtp.relay_policy import (
 )
 from mtad.smtp.reply import Reply
 from mtad.store import credentials as cs
+from mtad.store import domains as ds
 from mtad.store import organizations as os_
 from mtad.store import servers as ss
 from mtad.store.db import Database, make_engine
@@ -63,6 +65,11 @@ def envelope(*rcpts: str) -> Envelope:
     )
 
 
+def headers(*fields: str) -> bytes:
+    """A small message with these header fields (and a Subject)."""
+    return "".join(f"{field}\r\n" for field in (*fields, "Subject: hi")).encode() + b"\r\nbody\r\n"
+
+
 class StalledDatabase:
     """A database that never answers: the only way to make a unit of work outlast the policy's timeout
     deterministically (real SQL cannot be paused at will)."""
@@ -94,20 +101,33 @@ class RelayPolicyTests(RedisTestCase):
         self.queue = RedisQueue(self.redis, self.keys)
         self.acceptor = Acceptor(self.queue, self.clock, default_pool="main", timeout=5.0)
         self.policy = self.make_policy()
-        self.transaction(os_.create_organization, "Acme", NOW)
+        organization = self.transaction(os_.create_organization, "Acme", NOW)
         self.server = self.transaction(ss.create_server, "acme", "Main", NOW)
         smtp = self.transaction(cs.create_credential, self.server.id, cs.CredentialType.SMTP, NOW)
         self.credential = smtp.credential
+        # The organization's verified domain: its servers may send as example.test (MESSAGE's From).
+        domain = self.transaction(
+            ds.create_domain, "example.test", NOW, organization_id=organization.id, rsa_bits=1024
+        )
+        self.transaction(ds.verify_domain, domain.id, NOW)
+        self.domain_checks: list[tuple[int, str]] = []
         assert smtp.secret is not None
         self.password = smtp.secret
 
     def make_policy(
         self, database: Any = None, acceptor: Acceptor | None = None, **kwargs: Any
     ) -> RelayPolicy:
+        kwargs.setdefault("sending_domain_check", self.may_send_from)
         kwargs.setdefault("cache_seconds", 60.0)
         kwargs.setdefault("timeout", 10.0)
         kwargs.setdefault("listeners_without_auth", {"mx-plain"})
         return RelayPolicy(self.clock, database or self.database, acceptor or self.acceptor, **kwargs)
+
+    async def may_send_from(self, server: ss.Server, domain: str) -> bool:
+        """The daemon's check (mtad.app): a verified domain of the server or its organization."""
+        self.domain_checks.append((server.id, domain))
+        found = await self.database.run(ds.find_sending_domain, server.id, server.organization_id, domain)
+        return found is not None
 
     def transaction(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         with self.engine.begin() as conn:
@@ -295,6 +315,86 @@ class RelayPolicyTests(RedisTestCase):
         self.assertIs(reply, AUTH_REQUIRED)
         self.assertEqual((await self.queue.stats(NOW)).due_now, 0)
 
+    # -- From-authentication ------------------------------------------------------------------------
+
+    async def accepts(self, message: bytes, identity: SessionInfo | None = None) -> bool:
+        """Whether DATA of ``message`` is queued (250), or refused as not the server's to send (554)."""
+        reply = await self.policy.accept_message(
+            identity or await self.login(), envelope("a@x.test"), message
+        )
+        if reply.code == 250:
+            return True
+        self.assertIs(reply, FROM_NOT_ALLOWED)
+        self.assertEqual((reply.code, reply.enhanced), (554, "5.7.1"))
+        return False
+
+    async def test_from_must_be_a_sending_domain(self) -> None:
+        """A From outside the server's sending domains is refused 554 5.7.1 and nothing is queued; every
+        From address must be allowed, and a message without From is refused."""
+        self.assertFalse(await self.accepts(headers("From: App <app@foreign.test>")))
+        self.assertFalse(await self.accepts(headers("From: a@example.test, b@foreign.test")))
+        self.assertFalse(await self.accepts(headers()))
+        self.assertFalse(await self.accepts(headers("From: not an address")))
+        self.assertEqual((await self.queue.stats(NOW)).due_now, 0)
+        self.assertTrue(await self.accepts(headers("From: A <a@EXAMPLE.test>, b@example.test")))
+
+    async def test_sender_authenticates_only_with_allow_sender(self) -> None:
+        """An authenticated Sender stands in for an unauthenticated From only where the server has
+        allow_sender (seen once the server cache expires); without it the message is refused."""
+        authenticated = await self.login()
+        foreign_from = headers("From: app@foreign.test", "Sender: relay@example.test")
+        self.assertFalse(await self.accepts(foreign_from, authenticated))
+        self.transaction(ss.set_allow_sender, self.server.id, True, NOW)
+        self.clock.advance(59)
+        self.assertFalse(await self.accepts(foreign_from, authenticated))
+        self.clock.advance(1)
+        self.assertTrue(await self.accepts(foreign_from, authenticated))
+        self.assertFalse(await self.accepts(headers("From: app@foreign.test"), authenticated))
+        self.assertFalse(
+            await self.accepts(headers("From: app@foreign.test", "Sender: relay@other.test"), authenticated)
+        )
+        self.assertTrue(await self.accepts(headers("Sender: relay@example.test"), authenticated))
+
+    async def test_from_checked_for_ip_credential(self) -> None:
+        """Sessions relaying by SMTP-IP credential are held to the same From check."""
+        self.make_ip_credential("10.1.0.0/16")
+        self.assertFalse(await self.accepts(headers("From: app@foreign.test"), session("10.1.2.3")))
+        self.assertTrue(await self.accepts(headers("From: app@example.test"), session("10.1.2.3")))
+
+    async def test_domain_check_cached(self) -> None:
+        """The answer of the sending-domain check is cached per server and domain for ``cache_seconds``."""
+        authenticated = await self.login()
+        for _ in range(3):
+            self.assertTrue(await self.accepts(headers("From: a@example.test"), authenticated))
+            self.assertFalse(await self.accepts(headers("From: a@foreign.test"), authenticated))
+        self.assertEqual(
+            self.domain_checks, [(self.server.id, "example.test"), (self.server.id, "foreign.test")]
+        )
+        self.clock.advance(60)
+        self.assertTrue(await self.accepts(headers("From: a@example.test"), authenticated))
+        self.assertEqual(len(self.domain_checks), 3)
+
+    async def test_domain_check_failure_is_temporary(self) -> None:
+        """A sending-domain check that fails or outlasts ``timeout`` is 451 4.3.0; nothing is queued."""
+
+        async def broken(server: ss.Server, domain: str) -> bool:
+            raise RuntimeError("database gone")
+
+        policy = self.make_policy(sending_domain_check=broken)
+        reply = await policy.accept_message(await self.login(policy), envelope("a@x.test"), MESSAGE)
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        policy = self.make_policy(sending_domain_check=lambda server, domain: Deferred())
+        # The login fills the credential and server caches: DATA goes straight to the domain check.
+        authenticated = await self.login(policy)
+        d = policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
+        self.assertNoResult(d)
+        self.clock.advance(10)
+        reply = self.successResultOf(d)
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
+        self.assertEqual(len(self.flushLoggedErrors(DatabaseTimeout)), 1)
+        self.assertEqual((await self.queue.stats(NOW)).due_now, 0)
+
     async def test_accept_redis_disconnected(self) -> None:
         """With Redis gone, DATA is answered 451 4.3.0 and nothing claims to be queued."""
         client = await connect()
@@ -321,9 +421,13 @@ class RelayPolicyTests(RedisTestCase):
             real_reactor(), f"redis://127.0.0.1:{closed_port()}", timeout=60.0, clock=self.clock
         )
         self.addCleanup(client.disconnect)
-        policy = self.make_policy(acceptor=Acceptor(RedisQueue(client, self.keys), self.clock, timeout=5.0))
+        policy = self.make_policy(
+            acceptor=Acceptor(RedisQueue(client, self.keys), self.clock, timeout=5.0),
+            sending_domain_check=lambda server, domain: succeed(True),
+        )
         authenticated = await self.login(policy)
-        # The login filled the caches, so the policy goes straight to Redis without a database round trip.
+        # The login filled the caches and the domain check answers at once, so the policy goes straight to
+        # Redis without a database round trip.
         self.assertIsNone(await policy.check_rcpt(authenticated, "s@x.test", "a@x.test"))
         d = policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
         self.assertNoResult(d)
@@ -369,9 +473,12 @@ class RelayPolicyTests(RedisTestCase):
         self.assertIs(await self.policy.check_rcpt(authenticated, "s@x.test", "r@x.org"), CREDENTIAL_REVOKED)
 
     async def test_server_lookup_cached(self) -> None:
-        """Within ``cache_seconds`` RCPT and DATA need no database at all."""
+        """Within ``cache_seconds`` RCPT and DATA need no database at all (once the From domain has been
+        checked)."""
         authenticated = await self.login()
+        await self.policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
         self.policy.database = StalledDatabase()  # type: ignore[assignment]
+        self.database = self.policy.database  # type: ignore[assignment]
         self.assertIsNone(await self.policy.check_rcpt(authenticated, "s@x.test", "r@x.org"))
         reply = await self.policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
         self.assertEqual(reply.code, 250)

@@ -3,7 +3,9 @@
 The benchmark must measure mtad on the same path as Postfix: SMTP in on loopback without AUTH, relay to
 the sink on 127.0.0.3:25. mtad has no relay host setting (it delivers to MX hosts), so a fake DNS server
 (:mod:`tools.fakedns`) makes the sink's address the MX of ``dest.test``; ``smtp-source`` cannot
-authenticate, so an SMTP-IP credential lets 127.0.0.0/8 relay (as ``mynetworks`` does for Postfix).
+authenticate, so an SMTP-IP credential lets 127.0.0.0/8 relay (as ``mynetworks`` does for Postfix), and
+the load's From domain (``client.bench.test``) is a verified sending domain of the relay server, without
+which mtad refuses the mail at the end of DATA (Postfix checks no From).
 
 Layout of the work directory (state is wiped at every start, logs are appended to)::
 
@@ -39,8 +41,12 @@ from typing import Any
 
 import attrs
 
+from mtad.config import load_config
 from mtad.queue.embedded import find_redis_server, redis_config
+from mtad.store import domains, servers
+from mtad.store.db import make_engine
 from tools.bench.postfix import ensure_port_free, wait_for_port
+from tools.bench.probe import SENDER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The benchmark's hostname for mtad (greeting, HELO towards the sink).
@@ -355,6 +361,20 @@ def _run_cli(workdir: Path, config: Path, *args: str) -> None:
         raise MtadStartFailed(f"mtad {' '.join(args)} failed ({done.returncode}): {output.strip()}")
 
 
+def _add_sending_domain(config: Path, server: str, domain: str) -> None:
+    """Make ``domain`` a verified sending domain of ``server``: mtad refuses relayed mail whose From is not
+    one of its server's domains, as Postal does. Added and marked verified directly in the database: the
+    fake DNS does not publish its records, and the benchmark measures relaying, not DNS checks."""
+    engine = make_engine(load_config(config).database_url)
+    try:
+        with engine.begin() as conn:
+            server_id = servers.get_server_by_name(conn, server).id
+            added = domains.create_domain(conn, domain, time.time(), server_id=server_id)
+            domains.verify_domain(conn, added.id, time.time())
+    finally:
+        engine.dispose()
+
+
 def _start_dns(system: MtadSystem, sink_host: str) -> tuple[str, int]:
     workdir = system.workdir
     zone = workdir / "zone.json"
@@ -409,13 +429,14 @@ def start_mtad_system(
             path = workdir / f"process{i}.toml"
             path.write_text(to_toml(config))
             paths.append(path)
-        # Process 0's database is everyone's: one schema, one relay credential.
+        # Process 0's database is everyone's: one schema, one relay credential, one sending domain.
         _run_cli(workdir, paths[0], "initialize")
         _run_cli(workdir, paths[0], "make-organization", "bench")
         _run_cli(workdir, paths[0], "make-server", "bench", "relay")
         _run_cli(
             workdir, paths[0], "make-credential", "bench/relay", "--type", "SMTP-IP", "--key", RELAY_NETWORK
         )
+        _add_sending_domain(paths[0], "bench/relay", SENDER.rpartition("@")[2])
         for i, (path, address) in enumerate(zip(paths, smtp_addresses, strict=True)):
             daemon = ManagedProcess(
                 f"mtad process {i}",

@@ -221,7 +221,7 @@ class RealMtadTests(SynchronousTestCase):
         for i, address in enumerate(system.smtp_addresses):
             with smtplib.SMTP(*address, local_hostname="client.bench.test", timeout=30) as client:
                 client.sendmail(
-                    "bench@client.bench.test", [f"{i}rcpt@dest.test"], b"Subject: t\r\n\r\nbody\r\n"
+                    SENDER, [f"{i}rcpt@dest.test"], f"From: <{SENDER}>\r\nSubject: t\r\n\r\nbody\r\n"
                 )
             expected.add(f"{SOURCE_IP} {SENDER} -> {i}rcpt@dest.test")
         deadline = time.monotonic() + 30
