@@ -37,6 +37,7 @@ from admin_api.status import StatusApp
 from mtad.accept import Acceptor
 from mtad.config import Config
 from mtad.domains.dns_check import DomainDNSChecker
+from mtad.events.archive import ArchiveCatchUp
 from mtad.events.recorder import Recorder
 from mtad.mail.dkim import DKIMKey
 from mtad.mail.dkim_keys import RSA, dkim_txt_value, load_or_create_key
@@ -171,6 +172,15 @@ class MtadService(Service):
         )
         raw_retention.startService()
         self._on_stop("raw message retention", raw_retention.stopService)
+        catch_up = ArchiveCatchUp(
+            self._reactor,
+            self.database,
+            self.queue,
+            retention.archive_catch_up_after,
+            interval=retention.archive_catch_up_interval,
+        )
+        catch_up.startService()
+        self._on_stop("raw message catch-up", catch_up.stopService)
         resolver = self._resolver()
         if config.domains.check_enabled:
             checker = DomainDNSChecker(

@@ -199,6 +199,12 @@ class RetentionConfig:
     raw_message_max_mb: int = attrs.field(default=0, metadata=_check(_not_negative))
     #: Seconds between sweeps that delete raw messages retention no longer keeps.
     sweep_interval: float = attrs.field(default=3600.0, metadata=_check(_positive))
+    #: Seconds after acceptance a raw message the recorder has not archived (its ``message.queued`` event
+    #: was trimmed from the stream or lost) is archived from Redis anyway, so that no body stays there
+    #: forever.
+    archive_catch_up_after: float = attrs.field(default=3600.0, metadata=_check(_positive))
+    #: Seconds between looks for such raw messages.
+    archive_catch_up_interval: float = attrs.field(default=300.0, metadata=_check(_positive))
 
 
 @attrs.frozen

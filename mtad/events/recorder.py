@@ -15,7 +15,8 @@ is delivered. So for each batch the recorder reads the pinned bodies it names (o
 in the same transaction as the messages, and only after the commit releases their pins (one Redis call),
 then acknowledges the events. Crashing anywhere in between is harmless: before the release, the batch is
 read again and the bodies stored again (a no-op); after it, the bodies are no longer pinned and are not read
-again, and their rows are already there.
+again, and their rows are already there. A body whose event the recorder never reads (trimmed from the
+stream) is stored and released by `mtad.events.archive.ArchiveCatchUp` once it has been pinned long enough.
 """
 
 from __future__ import annotations

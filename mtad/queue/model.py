@@ -105,6 +105,19 @@ class ClaimedMessage:
 
 
 @attrs.frozen
+class PinnedBody:
+    """A body still pinned in Redis for the archive (`RedisQueue.pinned_before`): what its raw message needs.
+
+    ``id`` is the first message id of its accept (the raw message's id), ``accepted_at`` when it was accepted.
+    """
+
+    id: int
+    server_id: int
+    accepted_at: float
+    data: bytes
+
+
+@attrs.frozen
 class QueueStats:
     """Queue depth for ``/status`` and metrics."""
 

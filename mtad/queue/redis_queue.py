@@ -33,6 +33,7 @@ from mtad.queue.keys import (
     EXTEND_LEASE,
     HELD_BEFORE,
     HOLD,
+    PINNED_BEFORE,
     RELEASE,
     RELEASE_ARCHIVED,
     RELEASE_HELD,
@@ -42,7 +43,15 @@ from mtad.queue.keys import (
     QueueKeys,
     Script,
 )
-from mtad.queue.model import RESERVED_FIELDS, ClaimedMessage, NewEvent, NewMessage, QueueError, QueueStats
+from mtad.queue.model import (
+    RESERVED_FIELDS,
+    ClaimedMessage,
+    NewEvent,
+    NewMessage,
+    PinnedBody,
+    QueueError,
+    QueueStats,
+)
 
 #: Approximate cap on the event stream (``XADD MAXLEN ~``): consumers must keep up within this many events.
 DEFAULT_EVENTS_MAXLEN = 1_000_000
@@ -146,11 +155,18 @@ class RedisQueue:
         ``message.queued`` event per message. When it fires, the messages are durable (as durable as the
         Redis persistence settings make them; see `persistence_info`). Each event carries
         ``raw_message_id``, the id of the shared body (the first message's id); the body stays pinned in
-        Redis until `release_archived` says it is in SQL.
+        Redis, listed by ``now`` for `pinned_before`, until `release_archived` says it is in SQL. Its raw
+        message belongs to the first message's server (one accept is for one server).
         """
         if not messages:
             raise ValueError("enqueue needs at least one message")
-        args: list[str | bytes | int | float] = [_number(now), body, self.events_maxlen, len(messages)]
+        args: list[str | bytes | int | float] = [
+            _number(now),
+            body,
+            self.events_maxlen,
+            len(messages),
+            messages[0].server_id,
+        ]
         for m in messages:
             event = {
                 "token": m.token,
@@ -323,11 +339,29 @@ class RedisQueue:
 
         return self._run(ARCHIVE_PENDING, list(raw_message_ids)).addCallback(parse)
 
+    def pinned_before(self, before: float, limit: int, max_bytes: int) -> Deferred[list[PinnedBody]]:
+        """The bodies pinned for the archive since at or before ``before``, oldest first, in one call.
+
+        At most ``limit`` of them, and beyond the first only while their data adds up to at most
+        ``max_bytes``. For bodies whose ``message.queued`` events the recorder never read: store them, then
+        `release_archived` them.
+        """
+        if limit <= 0:
+            raise ValueError("pinned_before limit must be positive")
+
+        def parse(reply: list[list[Any]]) -> list[PinnedBody]:
+            return [
+                PinnedBody(id=int(id), server_id=int(server_id), accepted_at=float(at), data=bytes(data))
+                for id, at, server_id, data in reply
+            ]
+
+        return self._run(PINNED_BEFORE, [_number(before), limit, max_bytes]).addCallback(parse)
+
     def release_archived(self, raw_message_ids: Sequence[int]) -> Deferred[int]:
         """Unpin bodies that are now in SQL (one call for the batch); fires with how many were pinned.
 
         Call only after the transaction that stored them has committed. Each body whose last message is
-        done goes at once; releasing twice changes nothing.
+        done goes at once; releasing twice changes nothing. Released bodies leave `pinned_before`.
         """
         if not raw_message_ids:
             return succeed(0)

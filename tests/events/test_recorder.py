@@ -232,9 +232,9 @@ class RecorderTests(DatabaseTestCase):
 BODY = b"From: app@example.org\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nHello \xf0\x9f\x91\x8b\r\n"
 
 
-class ArchiveTests(RedisTestCase):
-    """Raw messages kept by the recorder: real Redis (queue and stream), real SQL; SQLite here, PostgreSQL
-    and MariaDB in the subclasses when configured."""
+class ArchiveTestCase(RedisTestCase):
+    """Real Redis (queue and stream) and real SQL for tests of raw messages; SQLite here, PostgreSQL and
+    MariaDB in subclasses setting ``backend`` when configured."""
 
     backend = SQLITE
 
@@ -294,6 +294,10 @@ class ArchiveTests(RedisTestCase):
 
     async def body_in_redis(self, raw_message_id: int) -> bool:
         return bool(await self.redis.execute("EXISTS", self.keys.body(raw_message_id)))
+
+
+class ArchiveTests(ArchiveTestCase):
+    """Raw messages kept by the recorder."""
 
     async def test_one_raw_message_per_accept(self) -> None:
         """Three recipients of one accept: three message rows pointing at one raw message, stored once."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import gatherResults, succeed
 
-from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage
+from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage, PinnedBody
 from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from tests.redis_server import RedisTestCase
 
@@ -380,6 +380,60 @@ class ArchiveTests(QueueTestCase):
         await self.settle_all()
         self.assertFalse(await self.exists(self.keys.body(ids[0])))
         self.assertEqual(await self.queue.release_archived([ids[0]]), 0)
+
+    async def pending(self) -> dict[int, float]:
+        """The archive_pending set: body id → accept time."""
+        flat = await self.redis.execute("ZRANGE", self.keys.archive_pending, 0, -1, "WITHSCORES")
+        return {int(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def test_pinned_body_listed_by_accept_time(self) -> None:
+        """enqueue lists each pinned body (once per accept) at its accept time and notes its server."""
+        ids = await self.queue.enqueue(BODY, [message("a@x.test"), message("b@x.test")], NOW)
+        (later,) = await self.queue.enqueue(BODY, [message(server_id=9)], NOW + 5)
+        self.assertEqual(await self.pending(), {ids[0]: NOW, later: NOW + 5})
+        self.assertEqual(await self.redis.execute("HGET", self.keys.body(later), "server_id"), b"9")
+
+    async def test_release_takes_body_off_pending(self) -> None:
+        """Releasing a body removes its archive_pending entry, whether or not its messages are done."""
+        (done,) = await self.queue.enqueue(BODY, [message("a@x.test")], NOW)
+        (queued,) = await self.queue.enqueue(BODY, [message("b@x.test", due_at=NOW + 60)], NOW)
+        await self.settle_all()
+        self.assertEqual(await self.queue.release_archived([done, queued]), 2)
+        self.assertEqual(await self.pending(), {})
+        self.assertEqual(await self.queue.pinned_before(NOW + 3600, 10, 1 << 20), [])
+        self.assertFalse(await self.exists(self.keys.body(done)))
+        self.assertTrue(await self.exists(self.keys.body(queued)))
+
+    async def test_pinned_before_oldest_first_bounded(self) -> None:
+        """pinned_before gives bodies pinned since at or before a time, oldest first, up to a count and (after
+        the first) a byte total, with what their raw messages need."""
+        (first,) = await self.queue.enqueue(b"a" * 100, [message(server_id=3)], NOW)
+        (second,) = await self.queue.enqueue(b"b" * 100, [message()], NOW + 10)
+        (third,) = await self.queue.enqueue(b"c" * 100, [message()], NOW + 20)
+        await self.settle_all()
+        self.assertEqual(
+            await self.queue.pinned_before(NOW + 10, 10, 1 << 20),
+            [PinnedBody(first, 3, NOW, b"a" * 100), PinnedBody(second, 7, NOW + 10, b"b" * 100)],
+        )
+        self.assertEqual(
+            [p.id for p in await self.queue.pinned_before(NOW + 20, 2, 1 << 20)], [first, second]
+        )
+        self.assertEqual([p.id for p in await self.queue.pinned_before(NOW + 20, 10, 250)], [first, second])
+        self.assertEqual([p.id for p in await self.queue.pinned_before(NOW + 20, 10, 10)], [first])
+        self.assertEqual(await self.queue.pinned_before(NOW - 1, 10, 1 << 20), [])
+        self.assertEqual(await self.queue.release_archived([first]), 1)
+        self.assertEqual(
+            [p.id for p in await self.queue.pinned_before(NOW + 20, 10, 1 << 20)], [second, third]
+        )
+
+    async def test_pending_entry_without_pin_dropped(self) -> None:
+        """An archive_pending entry whose body is no longer pinned has nothing to archive: pinned_before drops
+        it rather than finding it again and again."""
+        (gone,) = await self.queue.enqueue(BODY, [message("a@x.test")], NOW)
+        (kept,) = await self.queue.enqueue(BODY, [message("b@x.test")], NOW)
+        await self.redis.execute("HDEL", self.keys.body(gone), "archive")
+        self.assertEqual([p.id for p in await self.queue.pinned_before(NOW, 10, 1 << 20)], [kept])
+        self.assertEqual(await self.pending(), {kept: NOW})
 
 
 class StatsTests(QueueTestCase):
