@@ -55,11 +55,11 @@ SERVER_SUSPENDED = Reply(554, "5.7.1", "Mail server has been suspended")
 #: The credential the session authenticated with has been deleted since.
 CREDENTIAL_REVOKED = Reply(554, "5.7.1", "Credential is no longer valid")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
-#: Postal's words for a message whose From (or Sender) is not its server's to send as. Postal answers 530,
-#: but RFC 4954 §6 keeps 530 for "authenticate first", which would not help: the session is already
-#: allowed to relay. 554 5.7.1 (RFC 3463 X.7.1, delivery not authorized), as for the other refusals here.
+#: Postal's reply, code included, for a message whose From (or Sender) is not its server's to send as:
+#: Postal clients and the applications behind them see the same 530. RFC 4954 §6 gives 530 to "authenticate
+#: first"; either way it is permanent, and X.7.1 (RFC 3463: delivery not authorized) says why.
 FROM_NOT_ALLOWED = Reply(
-    554, "5.7.1", "From/Sender name is not valid: not a verified sending domain of this mail server"
+    530, "5.7.1", "From/Sender name is not valid: not a verified sending domain of this mail server"
 )
 #: RFC 3463 X.3.0: the system (database or queue) failed; the client keeps the message and retries.
 TRY_AGAIN = Reply(451, "4.3.0", "Temporary failure, try again later")

@@ -203,7 +203,7 @@ class RelayTests(unittest.TestCase):
 
     async def test_allow_sender(self) -> None:
         """A server with allow_sender gets mail whose From is outside its domains accepted over SMTP and the
-        send API when Sender is one of them; without such a Sender, DATA is refused 554 5.7.1."""
+        send API when Sender is one of them; without such a Sender, DATA is refused 530 5.7.1."""
         h = self.harness()
         h.installation.query(set_allow_sender, h.installation.server_id, True, time.time())
         await h.start()
@@ -230,7 +230,7 @@ class RelayTests(unittest.TestCase):
         code, text = await client.send_message(
             "app@foreign.test", ["alice@example.com"], b"From: app@foreign.test\r\nSubject: x\r\n\r\nHi\r\n"
         )
-        self.assertEqual(code, 554, text)
+        self.assertEqual(code, 530, text)
         self.assertTrue(text.startswith("5.7.1 From/Sender name is not valid"), text)
 
     async def test_send_api_refuses_unknown_key(self) -> None:

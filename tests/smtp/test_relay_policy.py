@@ -318,18 +318,18 @@ class RelayPolicyTests(RedisTestCase):
     # -- From-authentication ------------------------------------------------------------------------
 
     async def accepts(self, message: bytes, identity: SessionInfo | None = None) -> bool:
-        """Whether DATA of ``message`` is queued (250), or refused as not the server's to send (554)."""
+        """Whether DATA of ``message`` is queued (250), or refused as not the server's to send (530 5.7.1)."""
         reply = await self.policy.accept_message(
             identity or await self.login(), envelope("a@x.test"), message
         )
         if reply.code == 250:
             return True
         self.assertIs(reply, FROM_NOT_ALLOWED)
-        self.assertEqual((reply.code, reply.enhanced), (554, "5.7.1"))
+        self.assertEqual((reply.code, reply.enhanced), (530, "5.7.1"))
         return False
 
     async def test_from_must_be_a_sending_domain(self) -> None:
-        """A From outside the server's sending domains is refused 554 5.7.1 and nothing is queued; every
+        """A From outside the server's sending domains is refused 530 5.7.1 (as Postal) and nothing is queued; every
         From address must be allowed, and a message without From is refused."""
         self.assertFalse(await self.accepts(headers("From: App <app@foreign.test>")))
         self.assertFalse(await self.accepts(headers("From: a@example.test, b@foreign.test")))
