@@ -56,7 +56,7 @@ from twisted.web.iweb import IRequest
 
 from admin_api import params as p
 from admin_api.params import ParameterError
-from mtad.accept import Acceptor, ServerSuspended, parse_headers
+from mtad.accept import Acceptor, ServerSuspended, headers_authenticated, parse_headers
 from mtad.caching import ExpiringCache, SharedLookups
 from mtad.mail.compose import (
     Attachment,
@@ -67,7 +67,7 @@ from mtad.mail.compose import (
     new_message_id,
     received_value,
 )
-from mtad.mail.headers import header_addresses, header_section
+from mtad.mail.headers import header_section
 from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.relay_policy import CREDENTIAL_HOLD
@@ -367,8 +367,8 @@ class LegacyAPI:
     ``sending_domain_check(server, domain)`` says whether ``server`` may send as ``domain`` (a verified
     domain of the server or its organization, or a use-for-any domain); the daemon gives one backed by
     ``mtad.store.domains.find_sending_domain``. ``sender_allowed(server)`` says whether the Sender address
-    may authenticate a message when From does not (Postal's per-server ``allow_sender``; never, until
-    servers have that setting). Every database call and domain check is bounded by ``timeout`` seconds.
+    may authenticate a message when From does not (Postal's per-server ``allow_sender``; the daemon reads
+    ``Server.allow_sender``). Every database call and domain check is bounded by ``timeout`` seconds.
     """
 
     app = Klein()
@@ -658,14 +658,12 @@ class LegacyAPI:
         return {"message_id": parse_headers(given.data).message_id, "messages": messages}
 
     async def _headers_authenticated(self, server: Server, message: bytes) -> bool:
-        """Postal's ``find_authenticated_domain_from_headers``: every From address authenticated, else
-        (where the server allows it) every Sender address. A missing field never authenticates."""
-        names = ["from", "sender"] if self.sender_allowed(server) else ["from"]
-        for name in names:
-            addresses = header_addresses(message, name) or [""]
-            if all([await self._address_allowed(server, address) for address in addresses]):
-                return True
-        return False
+        """The SMTP server's rule (`mtad.accept.headers_authenticated`), with this server's domains."""
+        return await headers_authenticated(
+            message,
+            lambda address: self._address_allowed(server, address),
+            allow_sender=self.sender_allowed(server),
+        )
 
     def _check_size(self, size: int) -> None:
         if size > self.max_message_size:
