@@ -329,8 +329,8 @@ class RelayPolicyTests(RedisTestCase):
         return False
 
     async def test_from_must_be_a_sending_domain(self) -> None:
-        """A From outside the server's sending domains is refused 530 5.7.1 (as Postal) and nothing is queued; every
-        From address must be allowed, and a message without From is refused."""
+        """A From outside the server's sending domains is refused 530 5.7.1 (as Postal) and nothing is
+        queued; every From address must be allowed, and a message without From is refused."""
         self.assertFalse(await self.accepts(headers("From: App <app@foreign.test>")))
         self.assertFalse(await self.accepts(headers("From: a@example.test, b@foreign.test")))
         self.assertFalse(await self.accepts(headers()))
