@@ -56,6 +56,15 @@ def field_names(message: bytes) -> list[str]:
     return [line.split(":", 1)[0] for line in head.split("\r\n") if line[:1] not in (" ", "\t")]
 
 
+class DateTests(SynchronousTestCase):
+    def test_format_date_per_second(self) -> None:
+        """RFC 5322 dates in UTC, truncated to the second; consecutive seconds each get their own text."""
+        self.assertEqual(format_date(1_700_000_000.9), "Tue, 14 Nov 2023 22:13:20 +0000")
+        self.assertEqual(format_date(1_700_000_001.0), "Tue, 14 Nov 2023 22:13:21 +0000")
+        self.assertEqual(format_date(1_700_000_000.0), "Tue, 14 Nov 2023 22:13:20 +0000")
+        self.assertEqual(format_date(0), "Thu, 01 Jan 1970 00:00:00 +0000")
+
+
 class StructureTests(SynchronousTestCase):
     def test_plain_only(self) -> None:
         """A plain body alone is a single text/plain part."""
