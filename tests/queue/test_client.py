@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import txredisapi
+from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
 from mtad.queue.client import RedisAddress, RedisClient, parse_redis_url
-from mtad.queue.model import RedisUnavailable
-from tests.redis_server import real_reactor
+from mtad.queue.model import QueueError, RedisUnavailable
+from tests.redis_server import RedisTestCase, real_reactor
 from tests.test_accept import closed_port
 
 
@@ -50,3 +54,34 @@ class WaitConnectedTests(unittest.TestCase):
         with self.assertRaises(RedisUnavailable) as caught:
             await client.wait_connected()
         self.assertIn("could not connect", str(caught.exception))
+
+
+class ReplyTests(RedisTestCase):
+    async def test_large_replies(self) -> None:
+        """Replies parse whole and in order: a 2 MB bulk string, a 20,000-element array, nil, integers,
+        status and errors, pipelined on one connection; the parser is hiredis (txredisapi's own one is
+        quadratic in the size of a reply)."""
+        p = self.keys.prefix
+        connection = self.redis._live_connection()
+        self.assertIsInstance(connection, txredisapi.HiredisProtocol)
+        big = os.urandom(2_000_000)
+        fields = [f"f{i}".encode() for i in range(10_000)]
+        await self.redis.execute("SET", p + "big", big)
+        await self.redis.execute("HSET", p + "hash", *[x for f in fields for x in (f, f + b"v")])
+        replies = await gatherResults(
+            [
+                self.redis.execute("GET", p + "big"),
+                self.redis.execute("HGETALL", p + "hash"),
+                self.redis.execute("GET", p + "missing"),
+                self.redis.execute("INCR", p + "n"),
+                self.redis.execute("PING"),
+            ]
+        )
+        self.assertEqual(replies[0], big)
+        self.assertEqual(
+            dict(zip(replies[1][::2], replies[1][1::2], strict=True)), {f: f + b"v" for f in fields}
+        )
+        self.assertEqual(replies[2:], [None, 1, b"PONG"])
+        with self.assertRaises(QueueError) as caught:
+            await self.redis.execute("NOSUCHCOMMAND")
+        self.assertIn("unknown command", str(caught.exception))
