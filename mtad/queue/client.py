@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
+import hiredis
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -123,9 +124,8 @@ class RedisClient:
             convertNumbers=False,
             username=address.username,
         )
-        # Replies parsed by hiredis (C): txredisapi's own parser copies the rest of its buffer for every
-        # element, so a claim of a hundred 5 KB messages took milliseconds of the reactor thread.
-        factory.protocol = txredisapi.HiredisProtocol
+        # hiredis (C) parses replies and builds commands; see `_Protocol`.
+        factory.protocol = _Protocol
         # Come back quickly after a Redis restart: start at 0.1 s, cap at 2 s between attempts.
         factory.initialDelay = 0.1
         factory.factor = 2.0
@@ -258,6 +258,24 @@ class RedisClient:
 
     async def _disconnect(self) -> None:
         await self._factory.disconnect()
+
+
+class _Protocol(txredisapi.HiredisProtocol):  # type: ignore[misc]
+    """txredisapi's protocol with hiredis doing the byte work both ways.
+
+    Replies: txredisapi's own parser copies the rest of its buffer for every element, so a claim of a
+    hundred 5 KB messages took milliseconds of the reactor thread; `txredisapi.HiredisProtocol` parses
+    with hiredis. Commands: ``hiredis.pack_command`` writes the same bytes as txredisapi's loop, five times
+    faster (the enqueue script call has two dozen arguments on every accepted message). `RedisClient`
+    passes bytes only; anything else (txredisapi's own AUTH and SELECT) takes txredisapi's path, which
+    formats floats its own way.
+    """
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        for arg in args:
+            if type(arg) is not bytes:
+                return super()._build_command(*args, **kwargs)  # type: ignore[no-any-return]
+        return hiredis.pack_command(args)  # type: ignore[no-any-return]
 
 
 def _encode(value: str | bytes | int | float) -> bytes:

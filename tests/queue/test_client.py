@@ -64,6 +64,15 @@ class ReplyTests(RedisTestCase):
         p = self.keys.prefix
         connection = self.redis._live_connection()
         self.assertIsInstance(connection, txredisapi.HiredisProtocol)
+        arguments = (b"EVALSHA", b"\x00\r\n" * 3, b"", "SELECT", 7, 1.5)
+        self.assertEqual(
+            connection._build_command(*arguments[:3]),
+            txredisapi.BaseRedisProtocol._build_command(connection, *arguments[:3]),
+        )
+        self.assertEqual(
+            connection._build_command(*arguments),
+            txredisapi.BaseRedisProtocol._build_command(connection, *arguments),
+        )
         big = os.urandom(2_000_000)
         fields = [f"f{i}".encode() for i in range(10_000)]
         await self.redis.execute("SET", p + "big", big)
