@@ -101,7 +101,13 @@ class DeliveryAttempt:
 
 
 def record_messages(conn: Connection, new_messages: list[Message], now: float) -> None:
-    """Insert messages that are not recorded yet; ones already recorded are left as they are."""
+    """Insert messages that are not recorded yet; ones already recorded are left as they are.
+
+    A message's delivery can be recorded before the message itself: recorders in several processes share
+    the event stream, and one may commit a batch of deliveries before another commits the batch with the
+    matching ``message.queued`` events. The delivery's status update then found no row, so the newly
+    inserted messages take the latest attempt already recorded for them.
+    """
     insert_ignoring_duplicates(
         conn,
         messages,
@@ -130,6 +136,58 @@ def record_messages(conn: Connection, new_messages: list[Message], now: float) -
             for m in new_messages
         ],
     )
+    _apply_recorded_deliveries(conn, [m.id for m in new_messages], now)
+
+
+def _apply_recorded_deliveries(conn: Connection, ids: list[int], now: float) -> None:
+    if not ids:
+        return
+    found = conn.execute(
+        sa.select(
+            deliveries.c.message_id, deliveries.c.status, deliveries.c.timestamp, deliveries.c.id
+        ).where(deliveries.c.message_id.in_(ids))
+    ).all()
+    latest: dict[int, tuple[float, int, str]] = {}
+    for message_id, status, timestamp, row_id in found:
+        if message_id not in latest or (timestamp, row_id) > latest[message_id][:2]:
+            latest[message_id] = (timestamp, row_id, status)
+    if not latest:
+        return
+    # Only messages no attempt has reached yet: one with an attempt applied (a replayed batch) keeps it,
+    # with the hold expiry that the attempt row does not keep (the queue in Redis enforces that one).
+    conn.execute(
+        _STATUS_UPDATE.where(messages.c.last_delivery_attempt.is_(None)).values(updated_at=now),
+        [
+            {
+                "b_id": message_id,
+                "b_timestamp": timestamp,
+                "b_status": status,
+                "b_held": status == MessageStatus.HELD.value,
+                "b_hold_expiry": None,
+            }
+            for message_id, (timestamp, _, status) in latest.items()
+        ],
+    )
+
+
+#: A message's status from a delivery attempt, unless a later attempt is already recorded (a replayed
+#: old event must not turn a Sent message back into SoftFail).
+_STATUS_UPDATE = (
+    messages.update()
+    .where(
+        messages.c.id == sa.bindparam("b_id"),
+        sa.or_(
+            messages.c.last_delivery_attempt.is_(None),
+            messages.c.last_delivery_attempt <= sa.bindparam("b_timestamp"),
+        ),
+    )
+    .values(
+        status=sa.bindparam("b_status"),
+        held=sa.bindparam("b_held"),
+        hold_expiry=sa.bindparam("b_hold_expiry"),
+        last_delivery_attempt=sa.bindparam("b_timestamp"),
+    )
+)
 
 
 def record_delivery(conn: Connection, attempt: DeliveryAttempt, now: float) -> None:
@@ -166,23 +224,7 @@ def record_deliveries(conn: Connection, attempts: Sequence[DeliveryAttempt], now
             for attempt in attempts
         ],
     )
-    update = (
-        messages.update()
-        .where(
-            messages.c.id == sa.bindparam("b_id"),
-            sa.or_(
-                messages.c.last_delivery_attempt.is_(None),
-                messages.c.last_delivery_attempt <= sa.bindparam("b_timestamp"),
-            ),
-        )
-        .values(
-            status=sa.bindparam("b_status"),
-            held=sa.bindparam("b_held"),
-            hold_expiry=sa.bindparam("b_hold_expiry"),
-            last_delivery_attempt=sa.bindparam("b_timestamp"),
-            updated_at=now,
-        )
-    )
+    update = _STATUS_UPDATE.values(updated_at=now)
     rows = []
     for attempt in attempts:
         held = attempt.status is MessageStatus.HELD

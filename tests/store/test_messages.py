@@ -102,6 +102,24 @@ class MessageTests(DatabaseTestCase):
         )
         self.assertTrue(deliveries[0].sent_with_ssl)
 
+    def test_delivery_recorded_before_its_message(self) -> None:
+        """A delivery recorded before its message (another process's recorder committed first) gives the
+        message its status when the message is recorded; the latest attempt wins, and a message with no
+        attempt stays Pending."""
+        self.transaction(record_delivery, attempt("1-0", MessageStatus.SOFT_FAIL, NOW + 1), NOW)
+        self.transaction(record_delivery, attempt("2-0", MessageStatus.SENT, NOW + 5, attempt=2), NOW)
+        self.transaction(record_delivery, attempt("3-0", MessageStatus.HELD, NOW + 2, message_id=3), NOW)
+        self.assertIsNone(self.transaction(find_message, 1))
+        self.transaction(record_messages, [message(1), message(2), message(3)], NOW + 6)
+        first, second, third = (self.transaction(find_message, i) for i in (1, 2, 3))
+        assert first is not None and second is not None and third is not None
+        self.assertEqual((first.status, first.last_delivery_attempt), (MessageStatus.SENT, NOW + 5))
+        self.assertEqual((second.status, second.last_delivery_attempt), (MessageStatus.PENDING, None))
+        self.assertEqual((third.status, third.held), (MessageStatus.HELD, True))
+        # Recording the messages again (a replayed batch) changes nothing.
+        self.transaction(record_messages, [message(1)], NOW + 7)
+        self.assertEqual(self.transaction(find_message, 1), first)
+
     def test_replayed_old_delivery_changes_nothing(self) -> None:
         """Replaying an older attempt's event neither duplicates its row nor regresses the message status."""
         self.transaction(record_messages, [message()], NOW)
