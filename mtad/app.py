@@ -13,6 +13,7 @@ finishes its batch, then Redis and the database are let go.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -77,10 +78,13 @@ class MtadService(Service):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, exit_on_failure: bool = True) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, exit_on_failure: bool = True, freeze_gc: bool = False
+    ) -> None:
         self.config = config
         self._reactor = reactor
         self._exit_on_failure = exit_on_failure
+        self._freeze_gc = freeze_gc
         self._stops: list[tuple[str, Callable[[], Awaitable[object] | object]]] = []
         self._starting: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
@@ -209,6 +213,13 @@ class MtadService(Service):
             listeners=", ".join(self.ports),
             delivery="on" if self.delivery else "off",
         )
+        if self._freeze_gc:
+            # Everything alive now (modules, config, engine, caches) lives as long as the process. Left to
+            # the cyclic collector, each full collection walked all of it again: 70-120 ms with the
+            # reactor stopped, about once a second under send API load (the p99 of the send API).
+            # Frozen, the collector walks only what the traffic allocates.
+            gc.collect()
+            gc.freeze()
 
     def _on_stop(self, name: str, stop: Callable[[], Awaitable[object] | object]) -> None:
         self._stops.append((name, stop))

@@ -30,7 +30,7 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         sys.stderr.write(f"mtad: {e}\n")
         raise SystemExit(2) from e
-    return MtadService(config, reactor)
+    return MtadService(config, reactor, freeze_gc=True)
 
 
 def cli() -> int:

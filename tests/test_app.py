@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import socket
 import tempfile
@@ -36,8 +37,8 @@ class StartupTests(unittest.TestCase):
         data.update(sections)
         return data
 
-    async def start(self, data: dict[str, Any]) -> MtadService:
-        service = MtadService(parse_config(data), real_reactor(), exit_on_failure=False)
+    async def start(self, data: dict[str, Any], **options: Any) -> MtadService:
+        service = MtadService(parse_config(data), real_reactor(), exit_on_failure=False, **options)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -61,6 +62,19 @@ class StartupTests(unittest.TestCase):
         await service.stopService()
         self.assertFalse(service.embedded_redis.ready)
         self.assertEqual(service.embedded_redis.pid, None)
+
+    async def test_freeze_gc_once_ready(self) -> None:
+        """The daemon (tap.makeService) freezes what start-up left alive, so the cyclic collector stops
+        walking it on every full collection; without the option nothing is frozen."""
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)
+        plain = await self.start(self.config())
+        await plain.when_started()
+        self.assertEqual(gc.get_freeze_count(), 0)
+        await plain.stopService()
+        service = await self.start(self.config(), freeze_gc=True)
+        await service.when_started()
+        self.assertGreater(gc.get_freeze_count(), 10_000)
 
     async def test_http_serves_management_api(self) -> None:
         """The HTTP listener serves the management API under /api/v2 beside /api/v1 and /status."""
