@@ -18,15 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mtad.events.recorder import UnitOfWork
-from mtad.queue.model import PinnedBody, RedisUnavailable
+from mtad.queue.model import PinnedBody
 from mtad.store.raw_messages import RawMessage, store_raw_messages
+from mtad.sweeps import PeriodicSweep
 
 
 class PinnedBodies(Protocol):
@@ -39,7 +38,7 @@ class PinnedBodies(Protocol):
         """Unpin these bodies: they are in SQL now (idempotent)."""
 
 
-class ArchiveCatchUp(Service):
+class ArchiveCatchUp(PeriodicSweep):
     """Every ``interval`` seconds, archives the bodies pinned for longer than ``after`` seconds.
 
     Each batch (at most ``batch`` bodies and, beyond the first, ``batch_bytes`` of them) is read in one Redis
@@ -53,6 +52,7 @@ class ArchiveCatchUp(Service):
     """
 
     log = Logger()
+    task = "raw message catch-up"
 
     def __init__(
         self,
@@ -66,20 +66,11 @@ class ArchiveCatchUp(Service):
     ) -> None:
         if after < 0:
             raise ValueError(f"after must not be negative, got {after!r}")
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
-        if batch < 1:
-            raise ValueError(f"batch must be at least 1, got {batch!r}")
-        self._clock = clock
+        super().__init__(clock, interval, batch)
         self._database = database
         self._queue = queue
         self.after = after
-        self.interval = interval
-        self.batch = batch
         self.batch_bytes = batch_bytes
-        self._call: LoopingCall | None = None
-        self._sweeping: Deferred[None] | None = None
-        self._stopping = False
 
     async def sweep(self) -> int:
         """Archive and release every body pinned for longer than ``after``; return how many."""
@@ -101,40 +92,3 @@ class ArchiveCatchUp(Service):
                 after=self.after,
             )
         return total
-
-    async def _sweep_logged(self) -> None:
-        try:
-            await self.sweep()
-        except RedisUnavailable as e:
-            self.log.warn("cannot catch up on raw messages ({error}); trying again later", error=str(e))
-        except Exception:
-            self.log.failure("catching up on raw messages failed; trying again later")
-
-    def _tick(self) -> Deferred[None]:
-        self._sweeping = Deferred.fromCoroutine(self._sweep_logged())
-        return self._sweeping
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._stopping = False
-        call = LoopingCall(self._tick)
-        call.clock = self._clock
-        self._call = call
-        call.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("raw message catch-up stopped unexpectedly", f)
-        )
-
-    def stopService(self) -> Deferred[None]:
-        """Stop sweeping; fires once a sweep in progress has finished its batch."""
-        super().stopService()  # type: ignore[no-untyped-call]
-        self._stopping = True
-        call, self._call = self._call, None
-        if call is not None and call.running:
-            call.stop()
-        sweeping = self._sweeping
-        done: Deferred[None] = Deferred()
-        if sweeping is None or sweeping.called:
-            done.callback(None)
-        else:
-            sweeping.addBoth(lambda _: done.callback(None))
-        return done

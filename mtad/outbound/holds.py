@@ -15,16 +15,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mtad.events.recorder import MESSAGE_DELIVERY
-from mtad.queue.model import NewEvent, RedisUnavailable
+from mtad.queue.model import NewEvent
 from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from mtad.store.messages import MessageStatus
+from mtad.sweeps import PeriodicSweep
 
 #: Postal's details for a cancelled or expired hold (``Postal::MessageDB::Message#cancel_hold``).
 HOLD_CANCELLED = "The hold on this message has been removed without action."
@@ -59,7 +57,7 @@ def hold_cancelled_event(message: HeldMessage, now: float, details: str = HOLD_C
     return NewEvent(MESSAGE_DELIVERY, data)
 
 
-class HoldExpiry(Service):
+class HoldExpiry(PeriodicSweep):
     """Every ``interval`` seconds, cancels the messages held longer than ``hold_seconds`` (HoldCancelled).
 
     Each sweep works in batches of at most ``batch`` messages (one read and one script call each) until
@@ -69,6 +67,7 @@ class HoldExpiry(Service):
     """
 
     log = Logger()
+    task = "hold expiry"
 
     def __init__(
         self,
@@ -80,18 +79,9 @@ class HoldExpiry(Service):
     ) -> None:
         if hold_seconds < 0:
             raise ValueError(f"hold_seconds must not be negative, got {hold_seconds!r}")
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
-        if batch < 1:
-            raise ValueError(f"batch must be at least 1, got {batch!r}")
-        self._clock = clock
+        super().__init__(clock, interval, batch)
         self._queue = queue
         self.hold_seconds = hold_seconds
-        self.interval = interval
-        self.batch = batch
-        self._call: LoopingCall | None = None
-        self._sweeping: Deferred[None] | None = None
-        self._stopping = False
 
     async def sweep(self) -> int:
         """Cancel every message held for longer than ``hold_seconds``; return how many were cancelled."""
@@ -111,40 +101,3 @@ class HoldExpiry(Service):
                 days=self.hold_seconds / 86400,
             )
         return total
-
-    async def _sweep_logged(self) -> None:
-        try:
-            await self.sweep()
-        except RedisUnavailable as e:
-            self.log.warn("cannot expire held messages ({error}); trying again later", error=str(e))
-        except Exception:
-            self.log.failure("expiring held messages failed; trying again later")
-
-    def _tick(self) -> Deferred[None]:
-        self._sweeping = Deferred.fromCoroutine(self._sweep_logged())
-        return self._sweeping
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._stopping = False
-        call = LoopingCall(self._tick)
-        call.clock = self._clock
-        self._call = call
-        call.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("hold expiry stopped unexpectedly", f)
-        )
-
-    def stopService(self) -> Deferred[None]:
-        """Stop sweeping; fires once a sweep in progress has finished its batch."""
-        super().stopService()  # type: ignore[no-untyped-call]
-        self._stopping = True
-        call, self._call = self._call, None
-        if call is not None and call.running:
-            call.stop()
-        sweeping = self._sweeping
-        done: Deferred[None] = Deferred()
-        if sweeping is None or sweeping.called:
-            done.callback(None)
-        else:
-            sweeping.addBoth(lambda _: done.callback(None))
-        return done

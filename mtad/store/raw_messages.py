@@ -24,14 +24,13 @@ from typing import Any, Protocol
 import attrs
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mtad.store.db import insert_ignoring_duplicates
 from mtad.store.tables import raw_message_parts, raw_messages
+from mtad.sweeps import PeriodicSweep
 
 #: Octets per stored part of a raw message.
 PART_SIZE = 1024 * 1024
@@ -138,7 +137,7 @@ class UnitOfWork(Protocol):
     def run(self, fn: Any, /, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
 
 
-class RawMessageRetention(Service):
+class RawMessageRetention(PeriodicSweep):
     """Every ``interval`` seconds, deletes raw messages older than ``keep_seconds`` and, if ``max_bytes``
     is set, the oldest ones beyond that total size.
 
@@ -149,6 +148,7 @@ class RawMessageRetention(Service):
     """
 
     log = Logger()
+    task = "raw message retention"
 
     def __init__(
         self,
@@ -163,19 +163,10 @@ class RawMessageRetention(Service):
             raise ValueError(f"keep_seconds must not be negative, got {keep_seconds!r}")
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must not be negative, got {max_bytes!r}")
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
-        if batch < 1:
-            raise ValueError(f"batch must be at least 1, got {batch!r}")
-        self._clock = clock
+        super().__init__(clock, interval, batch)
         self._database = database
         self.keep_seconds = keep_seconds
         self.max_bytes = max_bytes
-        self.interval = interval
-        self.batch = batch
-        self._call: LoopingCall | None = None
-        self._sweeping: Deferred[None] | None = None
-        self._stopping = False
 
     async def sweep(self) -> int:
         """Delete the raw messages retention no longer keeps; return how many were deleted."""
@@ -200,38 +191,3 @@ class RawMessageRetention(Service):
                 over=over,
             )
         return expired + over
-
-    async def _sweep_logged(self) -> None:
-        try:
-            await self.sweep()
-        except Exception:
-            self.log.failure("deleting raw messages under retention failed; trying again later")
-
-    def _tick(self) -> Deferred[None]:
-        self._sweeping = Deferred.fromCoroutine(self._sweep_logged())
-        return self._sweeping
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._stopping = False
-        call = LoopingCall(self._tick)
-        call.clock = self._clock
-        self._call = call
-        call.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("raw message retention stopped unexpectedly", f)
-        )
-
-    def stopService(self) -> Deferred[None]:
-        """Stop sweeping; fires once a sweep in progress has finished its transaction."""
-        super().stopService()  # type: ignore[no-untyped-call]
-        self._stopping = True
-        call, self._call = self._call, None
-        if call is not None and call.running:
-            call.stop()
-        sweeping = self._sweeping
-        done: Deferred[None] = Deferred()
-        if sweeping is None or sweeping.called:
-            done.callback(None)
-        else:
-            sweeping.addBoth(lambda _: done.callback(None))
-        return done
