@@ -57,7 +57,7 @@ from twisted.web.iweb import IRequest
 from admin_api import params as p
 from admin_api.params import ParameterError
 from mtad.accept import Acceptor, ServerSuspended, headers_authenticated, parse_headers
-from mtad.caching import ExpiringCache, SharedLookups
+from mtad.caching import CachedLookups, ExpiringCache, SharedLookups
 from mtad.mail.compose import (
     Attachment,
     Draft,
@@ -407,9 +407,8 @@ class LegacyAPI:
         self._unknown_keys: ExpiringCache[str, bool] = ExpiringCache(
             clock, min(cache_seconds, UNKNOWN_KEY_SECONDS)
         )
-        self._domains: ExpiringCache[tuple[int, str], bool] = ExpiringCache(clock, cache_seconds)
+        self._domains: CachedLookups[tuple[int, str], bool] = CachedLookups(clock, cache_seconds)
         self._credential_lookups: SharedLookups[str, tuple[Credential, Server] | None] = SharedLookups()
-        self._domain_lookups: SharedLookups[tuple[int, str], bool] = SharedLookups()
         #: Credentials whose last use was written less than ``cache_seconds`` ago (one write per period).
         self._touched: ExpiringCache[int, bool] = ExpiringCache(clock, cache_seconds)
 
@@ -552,11 +551,6 @@ class LegacyAPI:
         )
 
     async def _domain_allowed(self, server: Server, domain: str) -> bool:
-        key = (server.id, domain)
-        cached = self._domains.get(key)
-        if cached is not None:
-            return cached
-
         async def check() -> bool:
             d = Deferred.fromCoroutine(self._check_domain(server, domain))
             d.addTimeout(self.timeout, self.clock)
@@ -566,9 +560,7 @@ class LegacyAPI:
                 self.log.failure("legacy API: sending domain check of {domain} failed", domain=domain)
                 raise temporary_failure("The sending domain check") from None
 
-        allowed = await self._domain_lookups.run(key, check)
-        self._domains.put(key, allowed)
-        return allowed
+        return await self._domains.get((server.id, domain), check)
 
     async def _check_domain(self, server: Server, domain: str) -> bool:
         return bool(await self.sending_domain_check(server, domain))

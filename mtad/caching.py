@@ -74,3 +74,21 @@ class SharedLookups(Generic[K, V]):
         for d in self._waiting.pop(key):
             d.callback(value)
         return value
+
+
+class CachedLookups(Generic[K, V]):
+    """An `ExpiringCache` in front of `SharedLookups`: a value found is kept ``seconds``, and the lookups
+    of a key not cached share one. ``None`` is never cached (it is the cache's "missing")."""
+
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self._cache: ExpiringCache[K, V] = ExpiringCache(clock, seconds)
+        self._lookups: SharedLookups[K, V] = SharedLookups()
+
+    async def get(self, key: K, lookup: Callable[[], Awaitable[V]]) -> V:
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        value = await self._lookups.run(key, lookup)
+        if value is not None:
+            self._cache.put(key, value)
+        return value

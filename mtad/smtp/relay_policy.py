@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtad.accept import Acceptor, ServerSuspended, headers_authenticated
-from mtad.caching import ExpiringCache, SharedLookups
+from mtad.caching import CachedLookups, ExpiringCache
 from mtad.mail.compose import domain_of
 from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo, SMTPPolicy
@@ -130,8 +130,7 @@ class RelayPolicy:
         self.listeners_without_auth = frozenset(listeners_without_auth)
         self._credentials: ExpiringCache[int, Credential] = ExpiringCache(clock, cache_seconds)
         self._servers: ExpiringCache[int, Server] = ExpiringCache(clock, cache_seconds)
-        self._domains: ExpiringCache[tuple[int, str], bool] = ExpiringCache(clock, cache_seconds)
-        self._domain_lookups: SharedLookups[tuple[int, str], bool] = SharedLookups()
+        self._domains: CachedLookups[tuple[int, str], bool] = CachedLookups(clock, cache_seconds)
         self._ip_credentials: list[tuple[IPNetwork, Credential]] = []
         self._ip_credentials_expire = float("-inf")
         #: When each SMTP-IP credential's last use was last written (bounded by the number of them).
@@ -337,10 +336,6 @@ class RelayPolicy:
 
     async def _domain_allowed(self, server: Server, domain: str) -> bool:
         """``sending_domain_check``'s answer, cached; concurrent checks of one domain share one."""
-        key = (server.id, domain)
-        cached = self._domains.get(key)
-        if cached is not None:
-            return cached
 
         async def check() -> bool:
             d = Deferred.fromCoroutine(self._check_domain(server, domain))
@@ -352,9 +347,7 @@ class RelayPolicy:
                     f"sending domain check did not answer within {self.timeout} s"
                 ) from None
 
-        allowed = await self._domain_lookups.run(key, check)
-        self._domains.put(key, allowed)
-        return allowed
+        return await self._domains.get((server.id, domain), check)
 
     async def _check_domain(self, server: Server, domain: str) -> bool:
         return bool(await self.sending_domain_check(server, domain))
