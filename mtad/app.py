@@ -48,7 +48,8 @@ from mtad.outbound.holds import HoldExpiry
 from mtad.outbound.mx import MXResolver, ResolverConfig, parse_nameservers
 from mtad.outbound.pools import ConnectionLimits, IPPool, SourceAddress
 from mtad.outbound.retry import RetryPolicy
-from mtad.outbound.signing import MessageSigner
+from mtad.outbound.signing import MessageSigner, SignElsewhere
+from mtad.outbound.signing_pool import SigningPool
 from mtad.queue.client import RedisClient
 from mtad.queue.embedded import EmbeddedRedis
 from mtad.queue.events import EventStream
@@ -95,6 +96,7 @@ class MtadService(Service):
         self.embedded_redis: EmbeddedRedis | None = None
         self.redis: RedisClient | None = None
         self.queue: RedisQueue | None = None
+        self.signing_pool: SigningPool | None = None
         self.database: Database | None = None
         self.delivery: DeliveryService | None = None
 
@@ -197,7 +199,15 @@ class MtadService(Service):
             checker.startService()
             self._on_stop("domain DNS checks", checker.stopService)
         if config.delivery.enabled:
-            self.delivery = self._delivery_service(self.queue, self.redis, resolver)
+            sign_elsewhere = None
+            if config.delivery.signing_processes:
+                self.signing_pool = SigningPool(
+                    self._reactor, self._reactor, config.delivery.signing_processes
+                )
+                self.signing_pool.startService()
+                self._on_stop("signing workers", self.signing_pool.stopService)  # after delivery (reversed)
+                sign_elsewhere = self.signing_pool.sign
+            self.delivery = self._delivery_service(self.queue, self.redis, resolver, sign_elsewhere)
             self.delivery.startService()
             self._on_stop("delivery", self.delivery.stopService)
         hold_expiry = HoldExpiry(self._reactor, self.queue, config.delivery.hold_days * 86400)
@@ -276,7 +286,11 @@ class MtadService(Service):
         )
 
     def _delivery_service(
-        self, queue: RedisQueue, redis: RedisClient, resolver: MXResolver
+        self,
+        queue: RedisQueue,
+        redis: RedisClient,
+        resolver: MXResolver,
+        sign_elsewhere: SignElsewhere | None = None,
     ) -> DeliveryService:
         config = self.config
         delivery = config.delivery
@@ -317,7 +331,7 @@ class MtadService(Service):
                 self.database,
                 self._reactor,
                 fallback=self._installation_key(),
-                in_thread=lambda fn: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn),
+                sign_elsewhere=sign_elsewhere,
             )
             return DeliveryService(
                 self._reactor, queue, deliverer, pools, settings, self.owner, sign=signer.sign

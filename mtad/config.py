@@ -158,6 +158,8 @@ class DeliveryConfig:
     connect_timeout: float = attrs.field(default=30.0, metadata=_check(_positive))
     #: Days a held message is kept before it expires.
     hold_days: float = attrs.field(default=7.0, metadata=_check(_positive))
+    #: Worker processes that DKIM-sign for this process's deliveries; 0 signs in the reactor thread.
+    signing_processes: int = attrs.field(default=1, metadata=_check(_not_negative))
     retry: RetryConfig = RetryConfig()
 
 

@@ -21,10 +21,9 @@ come out identical to Postal's as long as ``h=`` fits on one line; we fold a lon
 Cost per 5 KB message on the 2-core benchmark machine, one thread (``python -m tools.bench.dkim``,
 median of 7 runs): 0.33 ms with a 2048-bit RSA key (3,050 messages/s; dkimpy's default signer: 7.0 ms,
 143/s), 0.36 ms for RSA + Ed25519 dual signing, 0.09 ms for Ed25519 alone; everything but the private-key
-operation is about 0.06 ms. At that price signing inline in the delivery path, once per message (not per
-recipient or attempt), is acceptable. ``cryptography`` releases the GIL during the RSA operation (two
-threads sign 5,500 messages/s), so :meth:`DKIMSigner.sign_in_thread` both keeps the reactor thread free
-and uses the second core when a batch of many messages is prepared at once.
+operation is about 0.06 ms. Signing happens once per message (not per recipient or attempt), in a worker
+process (`mtad.outbound.signing_pool`): ``cryptography`` releases the GIL during the RSA operation, but a
+thread pool still fought the reactor for the GIL and made the send API's tail latency worse.
 """
 
 from __future__ import annotations
@@ -40,9 +39,6 @@ from typing import Final
 import attrs
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 POSTAL_SIGNED_HEADERS: Final[tuple[str, ...]] = (
     "from",
@@ -278,20 +274,6 @@ class DKIMSigner:
         timestamp = int(time.time() if now is None else now)
         signatures = [self._signature(key, names, canonical, body_hash, timestamp) for key in keys]
         return b"".join(signatures) + message
-
-    async def sign_in_thread(
-        self,
-        reactor: IReactorFromThreads,
-        threadpool: ThreadPool,
-        message: bytes,
-        keys: Sequence[DKIMKey],
-        now: float | None = None,
-    ) -> bytes:
-        """:meth:`sign` in ``threadpool``: the reactor stays free, and RSA work runs on another core.
-
-        For callers preparing many messages at once; one message inline costs about 0.33 ms (module doc).
-        """
-        return await deferToThreadPool(reactor, threadpool, self.sign, message, keys, now)
 
     def _signed_fields(self, head: bytes) -> tuple[list[bytes], bytes]:
         """The ``h=`` names (message order) and their canonical fields in the order verifiers hash them.

@@ -123,7 +123,10 @@ class PostalClientTests(unittest.TestCase):
         return cast(dict[str, str], h.installation.query(load))
 
     def assert_dkim_valid(self, h: Harness, delivered: SinkMessage) -> None:
-        """The message carries sender.test's signature, and dkimpy and Mail::DKIM both pass it."""
+        """The message carries sender.test's signature (made by the daemon's signing worker), and dkimpy
+        and Mail::DKIM both pass it."""
+        assert h.service is not None and h.service.signing_pool is not None
+        self.assertGreater(h.service.signing_pool.signed, 0)
         self.assertTrue(delivered.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"), delivered.data[:80])
         self.assertIn(b"d=sender.test;", delivered.data.split(b"\r\n\r\n")[0])
         records = self.dkim_records(h)

@@ -32,10 +32,7 @@ import attrs
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mtad.mail.dkim import (
     POSTAL_SIGNED_HEADERS,
@@ -398,35 +395,6 @@ class KeyTests(SynchronousTestCase):
         signer = DKIMSigner()
         first = signer._private_key(rsa_key())
         self.assertIs(signer._private_key(attrs.evolve(rsa_key())), first)
-
-
-class SignInThreadTests(TestCase):
-    """DKIMSigner.sign_in_thread."""
-
-    def test_signs_in_pool_thread(self) -> Deferred[None]:
-        """The signing runs in the given pool, not the reactor thread, and gives what sign() gives."""
-        from twisted.internet import reactor
-
-        pool = ThreadPool(minthreads=1, maxthreads=1, name="dkim-test")
-        pool.start()
-        self.addCleanup(pool.stop)
-        signer = DKIMSigner()
-        threads: list[threading.Thread] = []
-
-        class Recording(DKIMSigner):
-            def sign(self, message: bytes, keys: Sequence[DKIMKey], now: float | None = None) -> bytes:
-                threads.append(threading.current_thread())
-                return super().sign(message, keys, now)
-
-        async def run() -> None:
-            signed = await Recording().sign_in_thread(
-                cast(IReactorFromThreads, reactor), pool, SIMPLE, [rsa_key()], NOW
-            )
-            self.assertEqual(signed, signer.sign(SIMPLE, [rsa_key()], NOW))
-            self.assertEqual(len(threads), 1)
-            self.assertIsNot(threads[0], threading.current_thread())
-
-        return Deferred.fromCoroutine(run())
 
 
 # Verification by independent verifiers --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 
-from mtad.mail.dkim import DKIMKey
+from mtad.mail.dkim import DKIMKey, DKIMSigner, UnsignableMessageError
 from mtad.mail.dkim_keys import dkim_txt_value, load_or_create_key
 from mtad.outbound.signing import MessageSigner, keys_for
+from mtad.outbound.signing_pool import SigningUnavailable
 from mtad.store import domains, organizations, servers
 from tests.store.support import DatabaseTestCase, SynchronousDatabase
 
@@ -105,17 +107,41 @@ class SigningTests(DatabaseTestCase):
         own = await signer.sign(self.server_id, 2, BODY)
         self.assertIn(b"d=sender.test;", own.split(b"\r\n\r\n")[0])
 
-    async def test_signing_in_a_thread(self) -> None:
-        """With in_thread, the RSA work runs through it and the signature still verifies."""
-        ran: list[int] = []
+    async def test_signing_elsewhere(self) -> None:
+        """With sign_elsewhere (a worker process), the keys and clock go there and its answer is used."""
+        calls: list[tuple[tuple[str, ...], float]] = []
+        inline = DKIMSigner()
 
-        async def in_thread(fn: Any) -> bytes:
-            ran.append(1)
-            result: bytes = await deferToThread(fn)
-            return result
+        async def sign_elsewhere(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
+            calls.append((tuple(k.domain for k in keys), now))
+            signed: bytes = await deferToThread(inline.sign, message, keys, now)
+            return signed
 
-        signer = MessageSigner(self.database, self.clock, in_thread=in_thread)
+        signer = MessageSigner(self.database, self.clock, sign_elsewhere=sign_elsewhere)
         signed = await signer.sign(self.server_id, 1, BODY)
         records = self.records()
-        self.assertEqual(ran, [1])
+        self.assertEqual(calls, [(("sender.test",), self.clock.seconds())])
         self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
+
+    async def test_signed_inline_when_no_worker_can(self) -> None:
+        """A pool without a running worker (SigningUnavailable) costs the message nothing: signed inline."""
+        tried: list[bytes] = []
+
+        async def unavailable(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
+            tried.append(message)
+            raise SigningUnavailable("no signing worker is running")
+
+        signer = MessageSigner(self.database, self.clock, sign_elsewhere=unavailable)
+        signed = await signer.sign(self.server_id, 1, BODY)
+        records = self.records()
+        self.assertEqual(tried, [BODY])
+        self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
+
+    async def test_worker_errors_are_the_signers(self) -> None:
+        """An unsignable message reported by a worker goes out unsigned, as it would signed inline."""
+
+        async def unsignable(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
+            raise UnsignableMessageError("no From field")
+
+        signer = MessageSigner(self.database, self.clock, sign_elsewhere=unsignable)
+        self.assertEqual(await signer.sign(self.server_id, 1, BODY), BODY)

@@ -1,0 +1,162 @@
+"""The signing pool with real worker processes: same signatures as inline, errors, deaths, restarts, stop."""
+
+from __future__ import annotations
+
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from mtad.mail.dkim import DKIMKey, DKIMKeyError, DKIMSigner, UnsignableMessageError
+from mtad.mail.dkim_keys import ED25519, RSA, generate_key
+from mtad.outbound.signing_pool import SigningPool, SigningUnavailable
+
+MESSAGE = (
+    b"From: App <app@sender.test>\r\nTo: a@example.com\r\nSubject: hi\r\n"
+    b"Date: Mon, 30 Nov 2026 10:00:00 +0000\r\n\r\n" + b"Hello there.\r\n" * 300
+)
+NOW = 1_796_000_000.0
+
+
+def _key(algorithm: str, selector: str) -> DKIMKey:
+    pem, _public = generate_key(algorithm, rsa_bits=1024)
+    return DKIMKey(domain="sender.test", selector=selector, private_key_pem=pem, algorithm=algorithm)
+
+
+RSA_KEY = _key(RSA, "postal-aaaaaa")
+ED_KEY = _key(ED25519, "postal-bbbbbb")
+SIGNED = DKIMSigner().sign(MESSAGE, (RSA_KEY,), NOW)
+
+
+class SigningPoolTests(TestCase):
+    timeout = 60
+
+    def pool(self, processes: int = 1, **kwargs: Any) -> tuple[SigningPool, Clock]:
+        clock = Clock()
+        pool = SigningPool(reactor, clock, processes, **kwargs)
+        pool.startService()
+        self.addCleanup(self.stop, pool, clock)
+        return pool, clock
+
+    async def stop(self, pool: SigningPool, clock: Clock) -> None:
+        for worker in pool.workers:
+            worker.stop("KILL")
+        if pool.running:
+            await pool.stopService()
+
+    async def test_signatures_are_those_of_the_inline_signer(self) -> None:
+        """Many jobs over two workers: each answer is byte for byte what DKIMSigner.sign gives."""
+        pool, _ = self.pool(processes=2)
+        self.assertEqual(len(pool.workers), 2)
+        messages = [MESSAGE.replace(b"hi", b"hi %d" % n) for n in range(40)]
+        jobs = [pool.sign(m, (RSA_KEY, ED_KEY), NOW) for m in messages]
+        self.assertTrue(all(w.pending for w in pool.workers))  # both took a share
+        signed = await gatherResults(jobs)
+        inline = DKIMSigner()
+        self.assertEqual(signed, [inline.sign(m, (RSA_KEY, ED_KEY), now=NOW) for m in messages])
+
+    async def test_signer_errors_come_back_as_the_signers(self) -> None:
+        """No From and a broken key raise what the inline signer raises; the worker goes on serving."""
+        pool, _ = self.pool()
+        (worker,) = pool.workers
+        with self.assertRaises(UnsignableMessageError):
+            await pool.sign(b"To: a@example.com\r\n\r\nno sender\r\n", (RSA_KEY,), NOW)
+        broken = DKIMKey(domain="sender.test", selector="bad", private_key_pem=b"not a key")
+        with self.assertRaises(DKIMKeyError) as caught:
+            await pool.sign(MESSAGE, (broken,), NOW)
+        self.assertIn("bad._domainkey.sender.test", str(caught.exception))
+        self.assertEqual(
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW), DKIMSigner().sign(MESSAGE, (RSA_KEY,), NOW)
+        )
+        self.assertEqual(pool.workers, (worker,))
+
+    async def test_a_dead_worker_fails_its_jobs_and_is_restarted(self) -> None:
+        """Jobs held by a killed worker fail with SigningUnavailable (the caller signs inline); with no
+        worker left every job does, until the restart delay has passed and a new worker serves."""
+        pool, clock = self.pool(restart_delay=1.0)
+        (worker,) = pool.workers
+        held = [pool.sign(MESSAGE, (RSA_KEY,), NOW) for _ in range(5)]
+        worker.stop("KILL")
+        await worker.ended
+        for job in held:
+            with self.assertRaises(SigningUnavailable):
+                await job
+        self.assertEqual(pool.workers, ())
+        with self.assertRaises(SigningUnavailable):
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW)
+        clock.advance(0.9)
+        self.assertEqual(pool.workers, ())
+        clock.advance(0.1)
+        (restarted,) = pool.workers
+        self.assertIsNot(restarted, worker)
+        self.assertEqual(
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW), DKIMSigner().sign(MESSAGE, (RSA_KEY,), NOW)
+        )
+
+    async def test_workers_dying_young_are_restarted_ever_more_slowly(self) -> None:
+        """1 s, then 2 s, then 4 s: a worker that cannot live does not fork in a loop."""
+        pool, clock = self.pool(restart_delay=1.0, max_restart_delay=4.0)
+        waits = []
+        for _ in range(4):
+            (worker,) = pool.workers
+            worker.stop("KILL")
+            await worker.ended
+            waited = 0.0
+            while not pool.workers:
+                clock.advance(0.5)
+                waited += 0.5
+            waits.append(waited)
+        self.assertEqual(waits, [1.0, 2.0, 4.0, 4.0])
+
+    async def test_stop_answers_what_was_sent_then_ends_the_workers(self) -> None:
+        pool, _ = self.pool(processes=2)
+        workers = pool.workers
+        jobs = [pool.sign(MESSAGE, (RSA_KEY,), NOW) for _ in range(20)]
+        stopped = pool.stopService()
+        signed = await gatherResults(jobs)
+        await stopped
+        self.assertEqual(set(signed), {SIGNED})
+        self.assertEqual(pool.workers, ())
+        self.assertFalse(any(w.alive for w in workers))
+        with self.assertRaises(SigningUnavailable):
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW)
+
+    async def test_a_worker_that_ignores_stop_is_killed(self) -> None:
+        """A worker still running ``stop_timeout`` seconds after its input closed gets SIGKILL."""
+        script = Path(tempfile.mkdtemp()) / "stuck-worker"
+        script.write_text("#!/bin/sh\nexec sleep 60\n")
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        pool, clock = self.pool(executable=str(script), stop_timeout=5.0)
+        (worker,) = pool.workers
+        stopped: Deferred[Any] = pool.stopService()
+        clock.advance(4.9)
+        self.assertTrue(worker.alive)
+        clock.advance(0.1)
+        await stopped
+        self.assertFalse(worker.alive)
+
+    async def test_a_worker_that_cannot_start_is_retried(self) -> None:
+        """A missing interpreter: jobs fail over to inline signing, and starting is tried again later."""
+        python = Path(tempfile.mkdtemp()) / "python"
+        pool, clock = self.pool(executable=str(python), restart_delay=1.0)
+        self.assertEqual(pool.workers, ())
+        self.flushLoggedErrors()
+        with self.assertRaises(SigningUnavailable):
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW)
+        python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+        python.chmod(0o755)
+        clock.advance(1.0)
+        self.assertEqual(len(pool.workers), 1)
+        self.assertEqual(
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW), DKIMSigner().sign(MESSAGE, (RSA_KEY,), NOW)
+        )
+
+    def test_at_least_one_process(self) -> None:
+        with self.assertRaises(ValueError):
+            SigningPool(reactor, Clock(), 0)
