@@ -13,12 +13,15 @@ process, over its own pipes, so pickle (fast, and it carries `DKIMKey` as it is)
 - answer: ``(job_id, "ok", signed_message)``, or ``(job_id, kind, text)`` where ``kind`` is
   ``"unsignable"`` (`UnsignableMessageError`), ``"key"`` (`DKIMKeyError`) or ``"error"`` (anything else).
 
-End of input ends the process.
+End of input ends the process, and nothing else does: Ctrl-C at a terminal or systemd's SIGTERM reach the
+whole process group, and the daemon, still delivering while it drains, closes the worker's input when it
+no longer needs it. If the daemon dies, the pipe closes and the worker ends too.
 """
 
 from __future__ import annotations
 
 import pickle
+import signal
 import struct
 import sys
 from typing import Any, BinaryIO
@@ -70,6 +73,8 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 
 def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 

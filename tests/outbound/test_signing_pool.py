@@ -76,6 +76,17 @@ class SigningPoolTests(TestCase):
         )
         self.assertEqual(pool.workers, (worker,))
 
+    async def test_workers_outlive_interrupts(self) -> None:
+        """Ctrl-C and SIGTERM reach the whole process group; the worker keeps serving until its input ends,
+        so the daemon can still sign while it drains its deliveries."""
+        pool, _ = self.pool()
+        (worker,) = pool.workers
+        await pool.sign(MESSAGE, (RSA_KEY,), NOW)  # started: its signal handlers are set
+        worker.stop("INT")
+        worker.stop("TERM")
+        self.assertEqual(await pool.sign(MESSAGE, (RSA_KEY,), NOW), SIGNED)
+        self.assertEqual(pool.workers, (worker,))
+
     async def test_a_dead_worker_fails_its_jobs_and_is_restarted(self) -> None:
         """Jobs held by a killed worker fail with SigningUnavailable (the caller signs inline); with no
         worker left every job does, until the restart delay has passed and a new worker serves."""
