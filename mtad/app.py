@@ -464,6 +464,7 @@ class MtadService(Service):
             ping,
             [*smtp_listeners, *http_statuses],
             embedded_redis=self.embedded_redis is not None,
+            signing=self.signing_pool.status if self.signing_pool is not None else None,
         )
 
         legacy = LegacyAPI(

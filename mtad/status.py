@@ -43,13 +43,17 @@ class StatusReporter:
         listeners: Sequence[ListenerStatus],
         embedded_redis: bool,
         timeout: float = 5.0,
+        signing: Callable[[], dict[str, int]] | None = None,
     ) -> None:
+        """``signing`` reports the DKIM signing workers; None when this process signs inline or does not
+        deliver."""
         self._clock = clock
         self._queue = queue
         self._database_ping = database_ping
         self._listeners = listeners
         self._embedded_redis = embedded_redis
         self._timeout = timeout
+        self._signing = signing
         self.started_at = clock.seconds()
 
     def report(self) -> Deferred[dict[str, Any]]:
@@ -92,6 +96,7 @@ class StatusReporter:
             "redis": redis,
             "database": database,
             "listeners": [attrs.asdict(listener) for listener in self._listeners],
+            "signing_workers": self._signing() if self._signing is not None else None,
         }
 
 

@@ -123,6 +123,7 @@ class _Worker(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.alive = False
         pending, self.pending = self.pending, {}
+        self.pool.unavailable += len(pending)
         for answer in pending.values():
             answer.errback(SigningUnavailable("the signing worker exited"))
         self.pool._ended(self, reason)
@@ -159,11 +160,23 @@ class SigningPool(Service):
         self._next_job = 0
         #: Messages the workers have signed since start.
         self.signed = 0
+        #: Jobs no worker could take or finish since start (each was then signed inline).
+        self.unavailable = 0
 
     @property
     def workers(self) -> Sequence[_Worker]:
         """The worker processes started and not yet ended."""
         return tuple(self._workers)
+
+    def status(self) -> dict[str, int]:
+        """For ``/status``: fewer ``running`` than ``processes``, or a growing ``unavailable``, means
+        workers are dying (their messages are signed inline, at the reactor thread's cost)."""
+        return {
+            "processes": self.processes,
+            "running": sum(1 for w in self._workers if w.alive),
+            "signed": self.signed,
+            "unavailable": self.unavailable,
+        }
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -226,6 +239,7 @@ class SigningPool(Service):
         """
         live = [w for w in self._workers if w.alive]
         if not live:
+            self.unavailable += 1
             return fail(SigningUnavailable("no signing worker is running"))
         worker = min(live, key=lambda w: len(w.pending))
         self._next_job += 1

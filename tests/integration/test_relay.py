@@ -173,6 +173,9 @@ class RelayTests(unittest.TestCase):
         self.assertTrue(report["database"]["reachable"])
         self.assertEqual(report["queue"]["due_now"], 0)
         self.assertEqual({listener["kind"] for listener in report["listeners"]}, {"smtp", "http"})
+        self.assertEqual(
+            report["signing_workers"], {"processes": 1, "running": 1, "signed": 0, "unavailable": 0}
+        )
 
     async def test_send_api_message_is_delivered(self) -> None:
         """POST /api/v1/send/message with an API key from a verified domain: delivered and recorded."""

@@ -101,6 +101,7 @@ class SigningPoolTests(TestCase):
         self.assertEqual(pool.workers, ())
         with self.assertRaises(SigningUnavailable):
             await pool.sign(MESSAGE, (RSA_KEY,), NOW)
+        self.assertEqual(pool.status(), {"processes": 1, "running": 0, "signed": 0, "unavailable": 6})
         clock.advance(0.9)
         self.assertEqual(pool.workers, ())
         clock.advance(0.1)
