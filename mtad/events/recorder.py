@@ -4,7 +4,9 @@ Events arrive at least once (DESIGN.md, invariant 2): a recorder that crashes af
 before acknowledging it reads the same batch again. So `record_events` applies a batch in one transaction
 and is idempotent: messages are keyed by their Redis-allocated id, deliveries by the event id, and a status
 update never moves a message back to an older attempt's status. Events are acknowledged only after the
-transaction commits.
+transaction commits. Recorders in several processes share the stream, so a message's deliveries may be
+recorded by another recorder before (or while) this one records the message; the store makes the two
+writes commute (`mtad.store.messages.record_messages`).
 
 An event that cannot be understood (unknown type, missing or ill-typed field) is logged and acknowledged
 rather than retried: retrying cannot fix it, and leaving it would stop the recorder on it forever.
@@ -178,7 +180,12 @@ def within_bytes(events: Sequence[Event], max_bytes: int) -> Sequence[Event]:
 
 
 def parse_delivery(event: Event) -> DeliveryAttempt:
-    """A ``message.delivery`` event as the attempt it records."""
+    """A ``message.delivery`` event as the attempt it records.
+
+    The event's envelope (server, token, scope, addresses) only stands in for the message while its
+    ``message.queued`` event is not recorded (`mtad.store.messages.record_deliveries`), so an envelope
+    field missing or ill-typed is left out rather than costing the attempt.
+    """
     data = event.data
     return DeliveryAttempt(
         event_id=event.id,
@@ -193,7 +200,26 @@ def parse_delivery(event: Event) -> DeliveryAttempt:
         time=_optional_number(data, "time"),
         timestamp=_number(data, "timestamp"),
         hold_expiry=_optional_number(data, "hold_expiry"),
+        server_id=_hint(data, "server_id", int),
+        token=_hint(data, "token", str),
+        scope=_hint_enum(data, "scope", Scope),
+        mail_from=_hint(data, "mail_from", str),
+        rcpt_to=_hint(data, "rcpt_to", str),
     )
+
+
+def _hint(data: Mapping[str, Any], name: str, kind: type) -> Any:
+    try:
+        return _optional(data, name, kind)
+    except _BadEvent:
+        return None
+
+
+def _hint_enum(data: Mapping[str, Any], name: str, enum: type[E]) -> E | None:
+    try:
+        return None if data.get(name) is None else _enum_field(data, name, enum)
+    except _BadEvent:
+        return None
 
 
 def record_events(
@@ -201,9 +227,11 @@ def record_events(
 ) -> RecordResult:
     """Apply a batch of events in the caller's transaction; applying the same batch again changes nothing.
 
-    Events are applied in stream order, so a message's queued event is written before its deliveries;
-    consecutive events of one type are written with one statement each (executemany). ``bodies`` are the
-    raw messages the queued events name, by id (see `raw_message_ids`); each is stored once.
+    Recording a message and recording its deliveries commute (`mtad.store.messages.record_messages`), as
+    they must for deliveries another recorder commits first; so the batch's messages are written with one
+    statement and its deliveries with another (executemany), whatever their order in the stream: fewer
+    statements per batch, and rows taken in one order. ``bodies`` are the raw messages the queued events
+    name, by id (see `raw_message_ids`); each is stored once.
     """
     recorded = 0
     rejected: list[tuple[str, str]] = []
@@ -211,30 +239,16 @@ def record_events(
     attempts: list[DeliveryAttempt] = []
     raw: dict[int, RawMessage] = {}
     bodies = bodies or {}
-
-    def flush() -> None:
-        if queued:
-            record_messages(conn, queued, now)
-            queued.clear()
-        if attempts:
-            record_deliveries(conn, attempts, now)
-            attempts.clear()
-
     for event in events:
         try:
             if event.type == MESSAGE_QUEUED:
                 message = parse_queued(event)
-                if attempts:
-                    flush()
                 queued.append(message)
                 body_id = message.raw_message_id
                 if body_id is not None and body_id in bodies and body_id not in raw:
                     raw[body_id] = RawMessage(body_id, message.server_id, message.timestamp, bodies[body_id])
             elif event.type == MESSAGE_DELIVERY:
-                attempt = parse_delivery(event)
-                if queued:
-                    flush()
-                attempts.append(attempt)
+                attempts.append(parse_delivery(event))
             else:
                 # Other consumers (webhooks) care about other events; the recorder skips them.
                 continue
@@ -242,7 +256,8 @@ def record_events(
             rejected.append((event.id, str(e)))
             continue
         recorded += 1
-    flush()
+    record_messages(conn, queued, now)
+    record_deliveries(conn, attempts, now)
     store_raw_messages(conn, list(raw.values()), now)
     return RecordResult(recorded=recorded, rejected=tuple(rejected), archived=len(raw))
 

@@ -8,6 +8,7 @@ the event that reported it.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import attrs
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mtad.store.db import insert_ignoring_duplicates
+from mtad.store.db import StoreError, insert_ignoring_duplicates
 from mtad.store.tables import deliveries, messages
 
 
@@ -98,19 +99,56 @@ class DeliveryAttempt:
     time: float | None = None
     #: For ``Held``: when the hold lapses.
     hold_expiry: float | None = None
+    #: The message's envelope as the attempt's event names it, for the row an attempt recorded before its
+    #: message creates (see `record_deliveries`); None where the event does not say.
+    server_id: int | None = None
+    token: str | None = None
+    scope: Scope | None = None
+    mail_from: str | None = None
+    rcpt_to: str | None = None
 
 
-def record_messages(conn: Connection, new_messages: list[Message], now: float) -> None:
-    """Insert messages that are not recorded yet; ones already recorded are left as they are.
+#: The columns a message's ``message.queued`` event knows; its delivery attempts set the others.
+_OWN_COLUMNS = (
+    "token",
+    "server_id",
+    "scope",
+    "rcpt_to",
+    "mail_from",
+    "subject",
+    "message_id",
+    "size",
+    "tag",
+    "timestamp",
+    "received_with_ssl",
+    "raw_message_id",
+)
+#: The columns the latest delivery attempt sets.
+_ATTEMPT_COLUMNS = ("status", "held", "hold_expiry", "last_delivery_attempt")
+
+
+def record_messages(conn: Connection, new_messages: Sequence[Message], now: float) -> None:
+    """Record messages; one whose delivery is recorded already keeps that delivery's status.
 
     A message's delivery can be recorded before the message itself: recorders in several processes share
     the event stream, and one may commit a batch of deliveries before another commits the batch with the
-    matching ``message.queued`` events. The delivery's status update then found no row, so the newly
-    inserted messages take the latest attempt already recorded for them.
+    matching ``message.queued`` events, or while it is still uncommitted. So neither write reads the
+    other's table to catch up (under READ COMMITTED or a REPEATABLE READ snapshot, two concurrent
+    transactions can each miss the other's uncommitted row). Both are upserts of the message row instead:
+    a delivery creates the row when it is missing (`record_deliveries`), and recording a message that has
+    a row sets only the message's own columns, keeping the status its attempts gave it (a queued event
+    knows of no attempt; a new row takes the message's status as given). The primary key makes the
+    second writer wait for the first and then update the row the first committed, on SQLite, PostgreSQL
+    and MySQL alike, so the result is the same in either order, without table locks.
+
+    Recording a message again (a replayed event, which carries the same values) rewrites the same values.
+    Rows are written in id order so that two batches lock the rows they share in the same order.
     """
-    insert_ignoring_duplicates(
+    unique: dict[int, Message] = {}
+    for m in new_messages:
+        unique.setdefault(m.id, m)
+    _upsert_messages(
         conn,
-        messages,
         [
             {
                 "id": m.id,
@@ -133,61 +171,11 @@ def record_messages(conn: Connection, new_messages: list[Message], now: float) -
                 "created_at": now,
                 "updated_at": now,
             }
-            for m in new_messages
+            for _, m in sorted(unique.items())
         ],
+        (*_OWN_COLUMNS, "updated_at"),
+        if_newer=False,
     )
-    _apply_recorded_deliveries(conn, [m.id for m in new_messages], now)
-
-
-def _apply_recorded_deliveries(conn: Connection, ids: list[int], now: float) -> None:
-    if not ids:
-        return
-    found = conn.execute(
-        sa.select(
-            deliveries.c.message_id, deliveries.c.status, deliveries.c.timestamp, deliveries.c.id
-        ).where(deliveries.c.message_id.in_(ids))
-    ).all()
-    latest: dict[int, tuple[float, int, str]] = {}
-    for message_id, status, timestamp, row_id in found:
-        if message_id not in latest or (timestamp, row_id) > latest[message_id][:2]:
-            latest[message_id] = (timestamp, row_id, status)
-    if not latest:
-        return
-    # Only messages no attempt has reached yet: one with an attempt applied (a replayed batch) keeps it,
-    # with the hold expiry that the attempt row does not keep (the queue in Redis enforces that one).
-    conn.execute(
-        _STATUS_UPDATE.where(messages.c.last_delivery_attempt.is_(None)).values(updated_at=now),
-        [
-            {
-                "b_id": message_id,
-                "b_timestamp": timestamp,
-                "b_status": status,
-                "b_held": status == MessageStatus.HELD.value,
-                "b_hold_expiry": None,
-            }
-            for message_id, (timestamp, _, status) in latest.items()
-        ],
-    )
-
-
-#: A message's status from a delivery attempt, unless a later attempt is already recorded (a replayed
-#: old event must not turn a Sent message back into SoftFail).
-_STATUS_UPDATE = (
-    messages.update()
-    .where(
-        messages.c.id == sa.bindparam("b_id"),
-        sa.or_(
-            messages.c.last_delivery_attempt.is_(None),
-            messages.c.last_delivery_attempt <= sa.bindparam("b_timestamp"),
-        ),
-    )
-    .values(
-        status=sa.bindparam("b_status"),
-        held=sa.bindparam("b_held"),
-        hold_expiry=sa.bindparam("b_hold_expiry"),
-        last_delivery_attempt=sa.bindparam("b_timestamp"),
-    )
-)
 
 
 def record_delivery(conn: Connection, attempt: DeliveryAttempt, now: float) -> None:
@@ -198,9 +186,18 @@ def record_delivery(conn: Connection, attempt: DeliveryAttempt, now: float) -> N
 def record_deliveries(conn: Connection, attempts: Sequence[DeliveryAttempt], now: float) -> None:
     """Insert delivery attempts (once per event) and bring their messages' status up to date.
 
-    A message is updated only if the attempt is not older than the last one recorded, so a replayed old
-    event cannot turn a Sent message back into SoftFail. Both statements run once for the whole batch
-    (executemany, in order): the recorder's SQL time per event is what bounds its throughput.
+    A message takes an attempt's status only if the attempt is not older than the last one recorded, so
+    a replayed old event cannot turn a Sent message back into SoftFail; of several attempts for one message
+    in the batch, the latest is applied (the last one given, among equally recent ones), as applying them
+    one by one would. Each statement runs once for the whole batch: the recorder's SQL time per event is
+    what bounds its throughput.
+
+    A message not recorded yet (see `record_messages`) gets a row from its latest attempt: the envelope
+    the event names (server, token, addresses), the attempt's time standing in for when it was accepted,
+    size 0, no subject. Recording the message replaces those. If its ``message.queued`` event is lost
+    (trimmed from the stream unread), the row stays so: the message and its attempts are still found by
+    id for its server, with what is known of it, rather than attempts belonging to no message at all. An
+    event naming no server gives server 0, which is no server's, so no API shows that row.
     """
     if not attempts:
         return
@@ -224,20 +221,87 @@ def record_deliveries(conn: Connection, attempts: Sequence[DeliveryAttempt], now
             for attempt in attempts
         ],
     )
-    update = _STATUS_UPDATE.values(updated_at=now)
-    rows = []
+    # The latest attempt of each message, in id order: two batches lock the rows they share in one order.
+    latest: dict[int, DeliveryAttempt] = {}
     for attempt in attempts:
+        known = latest.get(attempt.message_id)
+        if known is None or attempt.timestamp >= known.timestamp:
+            latest[attempt.message_id] = attempt
+    rows = []
+    for message_id, attempt in sorted(latest.items()):
         held = attempt.status is MessageStatus.HELD
         rows.append(
             {
-                "b_id": attempt.message_id,
-                "b_timestamp": attempt.timestamp,
-                "b_status": attempt.status.value,
-                "b_held": held,
-                "b_hold_expiry": attempt.hold_expiry if held else None,
+                "id": message_id,
+                "token": attempt.token or "",
+                "server_id": attempt.server_id or 0,
+                "scope": (attempt.scope or Scope.OUTGOING).value,
+                "rcpt_to": attempt.rcpt_to or "",
+                "mail_from": attempt.mail_from or "",
+                "size": 0,
+                "status": attempt.status.value,
+                "held": held,
+                "hold_expiry": attempt.hold_expiry if held else None,
+                "last_delivery_attempt": attempt.timestamp,
+                "timestamp": attempt.timestamp,
+                "created_at": now,
+                "updated_at": now,
             }
         )
-    conn.execute(update, rows)
+    _upsert_messages(conn, rows, (*_ATTEMPT_COLUMNS, "updated_at"), if_newer=True)
+
+
+def _upsert_messages(
+    conn: Connection, rows: list[dict[str, Any]], columns: tuple[str, ...], if_newer: bool
+) -> None:
+    """Insert message rows; where one exists, set ``columns`` from the new row (``if_newer``: only if the
+    new row's attempt is not older than the recorded one)."""
+    if rows:
+        conn.execute(_upsert_statement(conn.dialect.name, columns, if_newer), rows)
+
+
+@functools.cache
+def _upsert_statement(dialect: str, columns: tuple[str, ...], if_newer: bool) -> sa.Executable:
+    """Built once per kind: the recorder runs these for every batch.
+
+    On PostgreSQL SQLAlchemy runs an ``ON CONFLICT`` statement once per row, and the server parses it
+    each time; so the condition is one ``WHERE`` rather than a ``CASE`` per column (MySQL, which has no
+    ``WHERE`` there, gets all rows in one statement).
+    """
+    recorded = messages.c.last_delivery_attempt
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects import mysql
+
+        upsert = mysql.insert(messages)
+        new = upsert.inserted
+        newer = sa.or_(recorded.is_(None), recorded <= new.last_delivery_attempt)
+        # MySQL assigns columns in order, each seeing those before it: the last attempt time, which
+        # ``newer`` compares, goes last.
+        ordered = sorted(columns, key=lambda name: name == "last_delivery_attempt")
+        return upsert.on_duplicate_key_update(
+            [
+                (name, sa.case((newer, new[name]), else_=messages.c[name]) if if_newer else new[name])
+                for name in ordered
+            ]
+        )
+    insert: Any
+    if dialect == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        insert = sqlite.insert(messages)
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        insert = postgresql.insert(messages)
+    else:
+        raise StoreError(f"unsupported database {dialect!r}")
+    new = insert.excluded
+    statement: sa.Executable = insert.on_conflict_do_update(
+        index_elements=[messages.c.id],
+        set_={name: new[name] for name in columns},
+        where=sa.or_(recorded.is_(None), recorded <= new.last_delivery_attempt) if if_newer else None,
+    )
+    return statement
 
 
 def _message_from_row(row: sa.Row[*tuple[Any, ...]]) -> Message:

@@ -975,6 +975,45 @@ class MessagesTests(LegacyAPITestCase):
             await self.call(DELIVERIES, {"id": entry["id"]}, key=self.other_key), "MessageNotFound"
         )
 
+    async def test_delivery_recorded_before_message(self) -> None:
+        """A message whose delivery is recorded but not the message (its queued event is late, or lost) is
+        found by its server alone, with the delivery's status, the envelope it names and its attempt."""
+        attempt = DeliveryAttempt(
+            event_id="e1",
+            message_id=8,
+            attempt=1,
+            status=MessageStatus.SENT,
+            output="250 OK",
+            details="sent",
+            sent_with_ssl=True,
+            timestamp=NOW + 5,
+            server_id=self.server.id,
+            token="token8",
+            scope=Scope.OUTGOING,
+            mail_from="test@example.test",
+            rcpt_to="john@example.com",
+        )
+        self.transaction(record_delivery, attempt, NOW)
+        envelope = await self.call(MESSAGE, {"id": 8, "_expansions": ["status", "details"]})
+        self.assertEqual(envelope["status"], "success")
+        data = envelope["data"]
+        self.assertEqual((data["token"], data["status"]["status"]), ("token8", "Sent"))
+        self.assertEqual(
+            (data["details"]["rcpt_to"], data["details"]["subject"], data["details"]["size"]),
+            ("john@example.com", None, "0"),
+        )
+        [delivery] = (await self.call(DELIVERIES, {"id": 8}))["data"]
+        self.assertEqual((delivery["status"], delivery["details"]), ("Sent", "sent"))
+        self.assertError(await self.call(MESSAGE, {"id": 8}, key=self.other_key), "MessageNotFound")
+        self.assertError(await self.call(DELIVERIES, {"id": 8}, key=self.other_key), "MessageNotFound")
+        # Once recorded, the message has its own details and keeps the delivery's status.
+        self.record(8)
+        data = (await self.call(MESSAGE, {"id": 8, "_expansions": ["status", "details"]}))["data"]
+        self.assertEqual(
+            (data["status"]["status"], data["details"]["subject"], data["details"]["size"]),
+            ("Sent", "An example message", "1234"),
+        )
+
     async def test_no_expansions(self) -> None:
         """Without expansions the answer is just id and token."""
         self.record(7)

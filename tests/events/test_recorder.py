@@ -123,6 +123,37 @@ class RecordEventsTests(DatabaseTestCase):
             (found.status, found.last_delivery_attempt, found.subject), (MessageStatus.PENDING, None, None)
         )
 
+    def test_delivery_before_queued_event(self) -> None:
+        """A delivery event recorded before its message's queued event, in an earlier batch or earlier in
+        the same one, leaves the message with the delivery's status and the queued event's details."""
+        envelope = {"server_id": 3, "token": "t1", "scope": "outgoing", "mail_from": "app@example.org"}
+        sent = delivery("2-0", 1, 1, "Sent", NOW + 5, rcpt_to="user1@example.com", **envelope)
+        self.transaction(record_events, [sent], NOW)
+        stand_in = self.transaction(find_message, 1)
+        assert stand_in is not None
+        self.assertEqual(
+            (stand_in.server_id, stand_in.token, stand_in.rcpt_to, stand_in.status, stand_in.subject),
+            (3, "t1", "user1@example.com", MessageStatus.SENT, None),
+        )
+        self.transaction(record_events, [queued("1-0", 1)], NOW + 1)
+        self.transaction(record_events, [delivery("2-1", 2, 1, "Sent", NOW + 5), queued("1-1", 2)], NOW + 1)
+        for id in (1, 2):
+            found = self.transaction(find_message, id)
+            assert found is not None
+            self.assertEqual(
+                (found.status, found.last_delivery_attempt, found.subject, found.size, found.timestamp),
+                (MessageStatus.SENT, NOW + 5, "Grüße 👋", 2048, NOW),
+            )
+
+    def test_ill_typed_envelope_ignored(self) -> None:
+        """A delivery event's envelope fields of the wrong type are left out; the attempt is recorded."""
+        event = delivery("2-0", 1, 1, "Sent", NOW, server_id="3", token=7, scope="sideways", rcpt_to=None)
+        result = self.transaction(record_events, [event], NOW)
+        self.assertEqual((result.recorded, result.rejected), (1, ()))
+        found = self.transaction(find_message, 1)
+        assert found is not None
+        self.assertEqual((found.server_id, found.token, found.status), (0, "", MessageStatus.SENT))
+
     def test_malformed_and_unknown_events(self) -> None:
         """Malformed events are rejected with a reason, other event types skipped; the rest is recorded."""
         events = [
