@@ -1,10 +1,10 @@
 """A DKIM signing worker process: reads signing jobs on stdin, writes signed messages on stdout.
 
 Run as ``python -m mtad.mail.dkim_worker`` by `mtad.outbound.signing_pool.SigningPool`, never by hand.
-Signing costs more of the daemon's one reactor thread than anything else a delivery does (0.6 ms of a
-1.5 ms delivery, most of it RSA). In a thread it would still share the GIL with the reactor: measured, a
-thread pool made the send API's p99 worse than signing inline. A process signs on another core and hands
-back the signed bytes.
+Signing a 5 KB message costs 0.3-0.6 ms of CPU (most of it RSA; BENCHMARKS.md has both machines), the
+largest single cost of a delivery. In a thread it would still share the GIL with the reactor: measured,
+a thread pool made the send API's p99 worse than signing inline. A process signs on another core and
+hands back the signed bytes.
 
 Each frame is a 4-byte big-endian length and a pickle. The only peer is the daemon that started this
 process, over its own pipes, so pickle (fast, and it carries `DKIMKey` as it is) is safe here.

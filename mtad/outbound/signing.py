@@ -3,7 +3,7 @@
 Signing at delivery rather than at accept keeps the accept path to one Redis write, and lets a key
 rotated after a message was queued sign it. The keys of a (server, From domain) pair are read from SQL at
 most once per ``cache_seconds`` (and once for concurrent lookups), so a burst from one sender costs one
-query. The signature itself (about 0.6 ms per 5 KB message on the 2-vCPU benchmark machine) is made in a
+query. The signature itself (0.3-0.6 ms per 5 KB message on the benchmark machines) is made in a
 worker process of `mtad.outbound.signing_pool` when there is one, else inline.
 """
 

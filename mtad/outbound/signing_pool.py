@@ -1,11 +1,13 @@
 """DKIM signing in worker processes (`mtad.mail.dkim_worker`), so the reactor thread does not pay for it.
 
-Measured on a 2-vCPU machine with the send API and delivery in one process (BENCHMARKS.md): signing
-took 0.6 ms of the reactor thread per message, inline or in a thread pool (the GIL is shared with the
-reactor either way, and the pool's GIL hand-offs made the API's p99 worse, not better). In a worker
-process the same work runs on the other core. The pool is an accelerator, never a point of failure: when
-no worker is running, or the worker holding a job dies, the job fails with `SigningUnavailable` and the
-caller signs inline, so a message is never delayed or sent unsigned because of the pool.
+Measured on a 2-vCPU machine with the send API and delivery in one process (BENCHMARKS.md): with
+signing in a thread pool (the previous design) the send API's p99 at 500 requests/s was 70-130 ms, with
+one worker process 30-50 ms. In a thread, signing shares the GIL with the reactor, and every hand-off of
+the GIL costs the reactor time; in a process it runs on the other core.
+
+The pool is an accelerator, never a point of failure: when no worker is running, or the worker holding a
+job dies, the job fails with `SigningUnavailable` and the caller signs inline, so a message is never
+delayed or sent unsigned because of the pool.
 
 A worker that exits is started again after ``restart_delay`` seconds, doubling up to
 ``max_restart_delay`` while workers keep dying young (a broken interpreter must not fork in a loop).
