@@ -9,7 +9,8 @@ The pool is an accelerator, never a point of failure: when no worker is running,
 job dies, the job fails with `SigningUnavailable` and the caller signs inline, so a message is never
 delayed or sent unsigned because of the pool.
 
-A worker that exits is started again after ``restart_delay`` seconds, doubling up to
+A worker that leaves a job unanswered for ``job_timeout`` seconds is killed. A worker that exits is
+started again after ``restart_delay`` seconds, doubling up to
 ``max_restart_delay`` while workers keep dying young (a broken interpreter must not fork in a loop).
 """
 
@@ -25,6 +26,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,7 +58,8 @@ class _Worker(ProcessProtocol):
     def __init__(self, pool: SigningPool, started_at: float) -> None:
         self.pool = pool
         self.started_at = started_at
-        self.pending: dict[int, Deferred[bytes]] = {}
+        #: Jobs sent and not answered, oldest first: job id → (when sent, its answer).
+        self.pending: dict[int, tuple[float, Deferred[bytes]]] = {}
         self.alive = False
         self.ended: Deferred[None] = Deferred()
         self._buffer = bytearray()
@@ -71,7 +74,7 @@ class _Worker(ProcessProtocol):
 
     def submit(self, job_id: int, now: float, keys: tuple[DKIMKey, ...], message: bytes) -> Deferred[bytes]:
         answer: Deferred[bytes] = Deferred()
-        self.pending[job_id] = answer
+        self.pending[job_id] = (self.pool.clock.seconds(), answer)
         assert self.transport is not None
         self.transport.write(frame((job_id, now, keys, message)))
         return answer
@@ -88,7 +91,7 @@ class _Worker(ProcessProtocol):
             del buffer[:end]
             try:
                 job_id, kind, value = pickle.loads(payload)
-                answer = self.pending.pop(job_id)
+                _, answer = self.pending.pop(job_id)
             except Exception:
                 self.pool.log.failure("signing worker {pid} sent a bad answer; stopping it", pid=self.pid)
                 self.stop("KILL")
@@ -126,7 +129,7 @@ class _Worker(ProcessProtocol):
         self.alive = False
         pending, self.pending = self.pending, {}
         self.pool.unavailable += len(pending)
-        for answer in pending.values():
+        for _, answer in pending.values():
             answer.errback(SigningUnavailable("the signing worker exited"))
         self.pool._ended(self, reason)
         self.ended.callback(None)
@@ -146,16 +149,20 @@ class SigningPool(Service):
         restart_delay: float = 1.0,
         max_restart_delay: float = 60.0,
         stop_timeout: float = 5.0,
+        job_timeout: float = 30.0,
     ) -> None:
         if processes < 1:
             raise ValueError("a signing pool needs at least one process")
         self._reactor = reactor
-        self._clock = clock
+        self.clock = clock
         self.processes = processes
         self._executable = executable
         self._restart_delay = restart_delay
         self._max_restart_delay = max_restart_delay
         self._stop_timeout = stop_timeout
+        self._job_timeout = job_timeout
+        self._watchdog = LoopingCall(self._watch)
+        self._watchdog.clock = clock
         self._workers: list[_Worker] = []
         self._restarts: list[IDelayedCall] = []
         self._delay = restart_delay
@@ -184,11 +191,26 @@ class SigningPool(Service):
         super().startService()  # type: ignore[no-untyped-call]
         for _ in range(self.processes):
             self._spawn()
+        self._watchdog.start(self._job_timeout / 2, now=False)
+
+    def _watch(self) -> None:
+        # A worker that stopped answering (stopped by a signal, stuck in a bug) would hold its jobs, and
+        # the deliveries waiting for them, for ever: killed, its jobs are signed inline and it restarts.
+        late = self.clock.seconds() - self._job_timeout
+        for worker in self._workers:
+            oldest = next(iter(worker.pending.values()), None)
+            if worker.alive and oldest is not None and oldest[0] <= late:
+                self.log.warn(
+                    "signing worker {pid} has not answered for {seconds}s; killing it",
+                    pid=worker.pid,
+                    seconds=self._job_timeout,
+                )
+                worker.stop("KILL")
 
     def _spawn(self) -> None:
         if not self.running:
             return
-        worker = _Worker(self, self._clock.seconds())
+        worker = _Worker(self, self.clock.seconds())
         try:
             self._reactor.spawnProcess(
                 worker,
@@ -209,7 +231,7 @@ class SigningPool(Service):
         self.log.info("started signing worker {pid}", pid=worker.pid)
 
     def _schedule_restart(self) -> None:
-        call = self._clock.callLater(self._delay, self._restart)
+        call = self.clock.callLater(self._delay, self._restart)
         self._restarts.append(call)
         self._delay = min(self._delay * 2, self._max_restart_delay)
 
@@ -222,7 +244,7 @@ class SigningPool(Service):
             self._workers.remove(worker)
         if not self.running:
             return
-        if self._clock.seconds() - worker.started_at >= HEALTHY_SECONDS:
+        if self.clock.seconds() - worker.started_at >= HEALTHY_SECONDS:
             self._delay = self._restart_delay
         how = "exited" if isinstance(reason.value, ProcessDone) else f"ended: {reason.getErrorMessage()}"
         self.log.warn(
@@ -250,6 +272,8 @@ class SigningPool(Service):
     def stopService(self) -> Deferred[Any]:
         """Let every worker answer what it holds and exit; kill those still running after ``stop_timeout``."""
         super().stopService()  # type: ignore[no-untyped-call]
+        if self._watchdog.running:
+            self._watchdog.stop()
         for call in self._restarts:
             if call.active():
                 call.cancel()
@@ -259,7 +283,7 @@ class SigningPool(Service):
             worker.stop("EOF")
         if not workers:
             return succeed(None)
-        kill = self._clock.callLater(self._stop_timeout, self._kill, workers)
+        kill = self.clock.callLater(self._stop_timeout, self._kill, workers)
         ended = DeferredList([w.ended for w in workers], consumeErrors=True)
 
         def stopped(result: object) -> object:

@@ -150,6 +150,26 @@ class SigningPoolTests(TestCase):
         await stopped
         self.assertFalse(worker.alive)
 
+    async def test_a_worker_that_stops_answering_is_killed(self) -> None:
+        """A job unanswered for job_timeout seconds: the worker is killed, its jobs fail over to inline
+        signing, and a new worker takes its place."""
+        script = Path(tempfile.mkdtemp()) / "silent-worker"
+        script.write_text("#!/bin/sh\nexec sleep 60\n")
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        pool, clock = self.pool(executable=str(script), job_timeout=30.0, restart_delay=1.0)
+        (worker,) = pool.workers
+        clock.advance(10)
+        job = pool.sign(MESSAGE, (RSA_KEY,), NOW)
+        clock.advance(15)  # the watchdog looks at 15 s and 30 s: the job is 5 s old, then 20 s
+        clock.advance(15)
+        self.assertTrue(worker.alive)
+        clock.advance(15)  # 35 s old at 45 s
+        with self.assertRaises(SigningUnavailable):
+            await job
+        self.assertFalse(worker.alive)
+        clock.advance(1.0)
+        self.assertEqual(len(pool.workers), 1)
+
     async def test_a_worker_that_cannot_start_is_retried(self) -> None:
         """A missing interpreter: jobs fail over to inline signing, and starting is tried again later."""
         python = Path(tempfile.mkdtemp()) / "python"
