@@ -12,6 +12,11 @@ directory; the AOF brings every queued message back, and the client pool reconne
 
 The child's stdin, stdout and stderr are plain files (``/dev/null`` and ``redis.log``), not pipes: the
 reactor then watches no descriptor for it, only its exit.
+
+The child runs in a session of its own. Ctrl-C at a terminal signals the whole foreground process group,
+and redis-server shuts down on SIGINT: it would be gone while mtad still drains its deliveries, whose
+acknowledgements then fail and whose messages wait out their leases after the next start. In its own
+session only mtad stops it, last.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +40,8 @@ from twisted.python.failure import Failure
 
 #: Longest unix socket path Linux accepts (sun_path is 108 bytes with the terminating NUL).
 MAX_SOCKET_PATH = 107
+#: Run by ``python -I -S -c`` with the program and its arguments after it: a new session, then the program.
+_NEW_SESSION_EXEC = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 class EmbeddedRedisError(Exception):
@@ -280,10 +288,12 @@ class EmbeddedRedis(Service):
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             child = _ChildProtocol(self)
+            # Twisted's spawnProcess cannot call setsid(); a Python one-liner does, then becomes redis-server
+            # (exec: same pid, so the supervisor's pid and signals are redis-server's).
             self._reactor.spawnProcess(
                 child,
-                executable,
-                [executable, self.config_path],
+                sys.executable,
+                [sys.executable, "-I", "-S", "-c", _NEW_SESSION_EXEC, executable, self.config_path],
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 path=self.data_dir,
                 childFDs={0: devnull, 1: log_fd, 2: log_fd},

@@ -77,6 +77,17 @@ class SupervisorTests(unittest.TestCase):
         self.assertEqual((info["aof_enabled"], info["appendfsync"]), (True, None))
         self.assertIn("config_error", info)
 
+    async def test_own_session(self) -> None:
+        """redis-server runs in a session of its own (Ctrl-C at mtad's terminal does not reach it), as
+        the very process the supervisor watches."""
+        server, _client, _queue = await self.start()
+        pid = server.pid
+        assert pid is not None
+        self.assertEqual(os.getsid(pid), pid)
+        self.assertNotEqual(os.getpgid(pid), os.getpgid(0))
+        program = os.readlink(f"/proc/{pid}/exe")
+        self.assertTrue(os.path.basename(program).startswith("redis-server"), program)
+
     async def test_stop_waits_for_exit(self) -> None:
         """stopService fires only once the redis-server process has exited."""
         server, _client, _queue = await self.start()
