@@ -19,7 +19,7 @@ from mtad.caching import ExpiringCache, SharedLookups
 from mtad.events.recorder import UnitOfWork
 from mtad.mail.dkim import DKIMKey, DKIMKeyError, DKIMSigner, UnsignableMessageError
 from mtad.mail.headers import from_domain
-from mtad.outbound.signing_pool import SigningUnavailable
+from mtad.outbound.signing_pool import SigningFailed, SigningUnavailable
 from mtad.store.domains import find_sending_domain, signing_keys
 from mtad.store.servers import find_server
 
@@ -105,6 +105,14 @@ class MessageSigner:
                     return await self._sign_elsewhere(body, chosen, now)
                 except SigningUnavailable:
                     pass
+                except SigningFailed as e:
+                    # The fault may be the worker's alone (its environment, code changed on disk since
+                    # the daemon started): signing here either works or raises the same bug as before.
+                    self.log.warn(
+                        "signing worker failed on message {message_id}: {error}; signing it here",
+                        message_id=message_id,
+                        error=str(e),
+                    )
             return self._signer.sign(body, chosen, now=now)
         except (UnsignableMessageError, DKIMKeyError) as e:
             self.log.warn(

@@ -15,7 +15,7 @@ from twisted.python.filepath import FilePath
 from mtad.mail.dkim import DKIMKey, DKIMSigner, UnsignableMessageError
 from mtad.mail.dkim_keys import dkim_txt_value, load_or_create_key
 from mtad.outbound.signing import MessageSigner, keys_for
-from mtad.outbound.signing_pool import SigningUnavailable
+from mtad.outbound.signing_pool import SigningFailed, SigningUnavailable
 from mtad.store import domains, organizations, servers
 from tests.store.support import DatabaseTestCase, SynchronousDatabase
 
@@ -135,6 +135,17 @@ class SigningTests(DatabaseTestCase):
         signed = await signer.sign(self.server_id, 1, BODY)
         records = self.records()
         self.assertEqual(tried, [BODY])
+        self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
+
+    async def test_signed_inline_when_the_worker_fails(self) -> None:
+        """A worker's own failure (not the message's) costs the message nothing: signed inline."""
+
+        async def failing(message: bytes, keys: Sequence[DKIMKey], now: float) -> bytes:
+            raise SigningFailed("AttributeError: the worker's code is not the daemon's")
+
+        signer = MessageSigner(self.database, self.clock, sign_elsewhere=failing)
+        signed = await signer.sign(self.server_id, 1, BODY)
+        records = self.records()
         self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: records[name]))
 
     async def test_worker_errors_are_the_signers(self) -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import stat
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mtad.mail.dkim import DKIMKey, DKIMKeyError, DKIMSigner, UnsignableMessageError
 from mtad.mail.dkim_keys import ED25519, RSA, generate_key
-from mtad.outbound.signing_pool import SigningPool, SigningUnavailable
+from mtad.mail.dkim_worker import frame
+from mtad.outbound.signing_pool import SigningPool, SigningUnavailable, _Worker
 
 MESSAGE = (
     b"From: App <app@sender.test>\r\nTo: a@example.com\r\nSubject: hi\r\n"
@@ -27,6 +30,14 @@ NOW = 1_796_000_000.0
 def _key(algorithm: str, selector: str) -> DKIMKey:
     pem, _public = generate_key(algorithm, rsa_bits=1024)
     return DKIMKey(domain="sender.test", selector=selector, private_key_pem=pem, algorithm=algorithm)
+
+
+def _script(source: str) -> str:
+    """An executable Python script standing in for a worker (it ignores the worker's arguments)."""
+    path = Path(tempfile.mkdtemp()) / "worker.py"
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(source))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
 
 
 RSA_KEY = _key(RSA, "postal-aaaaaa")
@@ -183,6 +194,66 @@ class SigningPoolTests(TestCase):
         clock.advance(1.0)
         self.assertEqual(len(pool.workers), 1)
         self.assertEqual(await pool.sign(MESSAGE, (RSA_KEY,), NOW), SIGNED)
+
+    async def test_a_worker_dying_mid_answer(self) -> None:
+        """Half an answer, then the worker exits: its job fails over to inline signing."""
+        pool, _ = self.pool(
+            executable=_script("""
+                import struct, sys
+                sys.stdin.buffer.read(8)
+                sys.stdout.buffer.write(struct.pack(">I", 1000) + b"x" * 10)
+                sys.stdout.buffer.flush()
+                sys.exit(3)
+            """)
+        )
+        with self.assertRaises(SigningUnavailable):
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW)
+
+    async def test_a_worker_answering_garbage_is_killed(self) -> None:
+        """An answer that does not unpickle: the worker is killed and its jobs fail over."""
+        pool, _ = self.pool(
+            executable=_script("""
+                import struct, sys, time
+                sys.stdin.buffer.read(8)
+                sys.stdout.buffer.write(struct.pack(">I", 3) + b"zzz")
+                sys.stdout.buffer.flush()
+                time.sleep(30)
+            """)
+        )
+        (worker,) = pool.workers
+        with self.assertRaises(SigningUnavailable):
+            await pool.sign(MESSAGE, (RSA_KEY,), NOW)
+        self.assertFalse(worker.alive)
+        self.assertEqual(len(self.flushLoggedErrors()), 1)
+
+    async def test_exit_logged_with_the_pid(self) -> None:
+        """The warning about a dead worker names its pid (Twisted forgets it before processEnded)."""
+        pool, _ = self.pool()
+        (worker,) = pool.workers
+        pid = worker.pid
+        self.assertIsInstance(pid, int)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        worker.stop("KILL")
+        await worker.ended
+        (exited,) = [e for e in events if e.get("log_format", "").startswith("signing worker {pid} {how}")]
+        self.assertEqual(exited["pid"], pid)
+
+    def test_answers_split_anyhow_and_out_of_order(self) -> None:
+        """Answers arrive byte by byte, in another order than the jobs: each reaches its own job."""
+        pool = SigningPool(reactor, Clock(), 1)
+        worker = _Worker(pool, 0.0)
+        got: dict[int, bytes] = {}
+        for job_id in (1, 2):
+            answer: Deferred[bytes] = Deferred()
+            answer.addCallback(lambda value, job_id=job_id: got.setdefault(job_id, value))
+            worker.pending[job_id] = (0.0, answer)
+        data = frame((2, "ok", b"two")) + frame((1, "ok", b"one"))
+        for i in range(len(data)):
+            worker.outReceived(data[i : i + 1])
+        self.assertEqual(got, {1: b"one", 2: b"two"})
+        self.assertEqual((worker.pending, pool.signed), ({}, 2))
 
     def test_at_least_one_process(self) -> None:
         with self.assertRaises(ValueError):

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mtad.store.db import make_engine
 from mtad.store.migrate import upgrade_schema
@@ -56,7 +56,7 @@ def fresh_database_url(test: SynchronousTestCase, backend: str) -> str:
     return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
-class DatabaseTestCase(SynchronousTestCase):
+class DatabaseTestCase(TestCase):
     """Gives each test ``self.engine``: a fresh database of ``backend``, migrated to the latest schema.
 
     Subclasses run on SQLite; a subclass of one that sets ``backend`` runs the same tests on another backend.
