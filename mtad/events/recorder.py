@@ -35,6 +35,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mtad.queue.model import Event, RedisUnavailable
+from mtad.store.db import is_deadlock
 from mtad.store.messages import (
     DeliveryAttempt,
     Message,
@@ -49,6 +50,8 @@ E = TypeVar("E", MessageStatus, Scope)
 
 MESSAGE_QUEUED = "message.queued"
 MESSAGE_DELIVERY = "message.delivery"
+#: Times a batch is run when it keeps losing deadlocks, before the recorder backs off like any failure.
+DEADLOCK_ATTEMPTS = 5
 
 
 class EventSource(Protocol):
@@ -306,7 +309,7 @@ class Recorder(Service):
         if not events:
             return 0
         bodies = await self._archive.bodies_to_archive(raw_message_ids(events))
-        result: RecordResult = await self._database.run(record_events, events, self._clock.seconds(), bodies)
+        result = await self._record(events, bodies)
         for event_id, reason in result.rejected:
             self.log.warn(
                 "recorder dropped malformed event {event_id}: {reason}", event_id=event_id, reason=reason
@@ -316,6 +319,29 @@ class Recorder(Service):
         await self._archive.release_archived(list(bodies))
         await self._source.ack([event.id for event in events])
         return len(events)
+
+    async def _record(self, events: Sequence[Event], bodies: dict[int, bytes]) -> RecordResult:
+        """`record_events` in a transaction, run again at once if it loses a deadlock.
+
+        Two recorders' batches can lock the same message rows in opposite orders (one records message 2
+        and the delivery of message 1, the other message 1 and the delivery of 2). The database then rolls
+        one back; the batch is idempotent, so it runs again rather than waiting ``retry_delay``.
+        """
+        attempt = 1
+        while True:
+            try:
+                result: RecordResult = await self._database.run(
+                    record_events, events, self._clock.seconds(), bodies
+                )
+                return result
+            except Exception as e:
+                if attempt == DEADLOCK_ATTEMPTS or not is_deadlock(e):
+                    raise
+            self.log.info(
+                "recorder batch of {count} events lost a deadlock with another recorder; running it again",
+                count=len(events),
+            )
+            attempt += 1
 
     async def _run(self) -> None:
         while self.running:

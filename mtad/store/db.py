@@ -121,6 +121,25 @@ class Database(Service):
             return fn(conn, *args, **kwargs)
 
 
+#: PostgreSQL SQLSTATEs of a transaction rolled back by a deadlock or a serialization conflict.
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+#: MySQL/MariaDB's ER_LOCK_DEADLOCK.
+_MYSQL_DEADLOCK = 1213
+
+
+def is_deadlock(error: BaseException) -> bool:
+    """True when ``error`` means the database chose this transaction as a deadlock's victim (or, on
+    PostgreSQL, a serialization conflict): it was rolled back whole, and running it again is safe and
+    will likely succeed."""
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    orig = error.orig
+    if getattr(orig, "pgcode", None) in _RETRYABLE_SQLSTATES:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return len(args) > 0 and args[0] == _MYSQL_DEADLOCK
+
+
 def insert_ignoring_duplicates(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
     """Insert ``rows``, silently skipping any that collide with an existing primary or unique key.
 

@@ -6,11 +6,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import pymysql
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from mtad.events.recorder import Event, Recorder, raw_message_ids, record_events
+from mtad.events.recorder import DEADLOCK_ATTEMPTS, Event, Recorder, raw_message_ids, record_events
 from mtad.queue.events import EventStream
 from mtad.queue.model import NewEvent, NewMessage
 from mtad.queue.redis_queue import RedisQueue
@@ -258,6 +259,41 @@ class RecorderTests(DatabaseTestCase):
         self.failureResultOf(result)
         self.assertEqual(source.acked, [])
         self.assertIsNone(self.transaction(find_message, 1))
+
+    def test_batch_losing_a_deadlock_runs_again_at_once(self) -> None:
+        """A batch chosen as a deadlock's victim (two recorders crossing, see ConcurrentRecordingTests) is
+        run again at once: recorded and acknowledged without waiting retry_delay, and no traceback."""
+        source = ListEventSource(BATCH)
+        database = LosingDeadlocks(self.database, losses=DEADLOCK_ATTEMPTS - 1)
+        recorder = Recorder(database, source, self.clock, self.archive, batch_size=10)
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(recorder.record_batch())), len(BATCH))
+        self.assertEqual(source.acked, [e.id for e in BATCH])
+        self.assertEqual(database.calls, DEADLOCK_ATTEMPTS)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_batch_losing_every_deadlock_fails_unacknowledged(self) -> None:
+        source = ListEventSource(BATCH)
+        database = LosingDeadlocks(self.database, losses=DEADLOCK_ATTEMPTS)
+        recorder = Recorder(database, source, self.clock, self.archive, batch_size=10)
+        self.failureResultOf(Deferred.fromCoroutine(recorder.record_batch()), sa.exc.OperationalError)
+        self.assertEqual((source.acked, database.calls), ([], DEADLOCK_ATTEMPTS))
+
+
+class LosingDeadlocks:
+    """A database whose first ``losses`` transactions are rolled back as MySQL rolls back a deadlock's
+    victim (the driver's own error, as SQLAlchemy wraps it); the rest run on ``database``."""
+
+    def __init__(self, database: SynchronousDatabase, losses: int) -> None:
+        self.database = database
+        self.losses = losses
+        self.calls = 0
+
+    def run(self, fn: Any, /, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        if self.calls <= self.losses:
+            orig = pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock")
+            return fail(sa.exc.OperationalError("INSERT INTO messages ...", {}, orig))
+        return self.database.run(fn, *args, **kwargs)
 
 
 BODY = b"From: app@example.org\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nHello \xf0\x9f\x91\x8b\r\n"

@@ -6,8 +6,10 @@ import threading
 import time
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from mtad.store.db import is_deadlock
 from mtad.store.messages import (
     DeliveryAttempt,
     Message,
@@ -342,6 +344,40 @@ class ConcurrentRecordingTests(DatabaseTestCase):
         b.commit()
         finish()
         self.assert_sent()
+
+    def test_crossing_batches_deadlock_is_recognised(self) -> None:
+        """Two batches that take two messages' rows in opposite orders (message 2 and the delivery of 1;
+        message 1 and the delivery of 2): the database rolls one back as a deadlock, `is_deadlock` says
+        so, and running that batch again (what the recorder does) leaves both messages Sent."""
+        a = self.session()
+        b = self.session()
+        second = attempt("2-0", MessageStatus.SENT, NOW + 5, message_id=2, code=250)
+        record_messages(a, [message(2)], NOW)
+        record_messages(b, [message(1)], NOW)
+        finish = self.commit_in_thread(b, lambda conn: record_deliveries(conn, [second], NOW))
+        errors: list[BaseException] = []
+        try:
+            record_deliveries(a, [SENT], NOW)
+            a.commit()
+        except sa.exc.DBAPIError as e:
+            errors.append(e)
+            a.rollback()
+        try:
+            finish()
+        except sa.exc.DBAPIError as e:
+            errors.append(e)
+        self.assertEqual([is_deadlock(e) for e in errors], [True])
+        self.assertFalse(is_deadlock(sa.exc.DBAPIError("SELECT 1", {}, ValueError("not a database error"))))
+
+        def again(conn: Connection) -> None:  # both batches, as a recorder runs a batch again
+            record_messages(conn, [message(1), message(2)], NOW)
+            record_deliveries(conn, [SENT, second], NOW)
+
+        self.transaction(again)
+        self.assertEqual(
+            [self.transaction(find_message, id).status for id in (1, 2)],  # type: ignore[union-attr]
+            [MessageStatus.SENT, MessageStatus.SENT],
+        )
 
 
 class ConcurrentRecordingMySQLTests(ConcurrentRecordingTests):
