@@ -711,13 +711,22 @@ class LegacyAPI:
                 message, raw = found
             if message is not None and message.server_id != caller.server.id:
                 raise APIError("MessageNotFound", "No message found matching provided ID", id=given)
-        # Not recorded yet, or recorded without a raw message in SQL (it may still be queued).
-        if id is not None and (message is None or (raw_wanted and raw is None)):
+        # Not recorded yet, recorded without a raw message in SQL, or only a stand-in for it recorded by
+        # its delivery: while it is still queued (a retry, a hold), the queue has what SQL lacks.
+        if id is not None and (message is None or message.stand_in or (raw_wanted and raw is None)):
             queued = await self._queued(caller.server, id, required=message is None)
             if queued is not None:
                 fields, raw = queued
                 if message is None:
                     message = queued_message(id, fields, raw)
+                elif message.stand_in:
+                    message = attrs.evolve(
+                        queued_message(id, fields, raw),
+                        status=message.status,
+                        held=message.held,
+                        hold_expiry=message.hold_expiry,
+                        last_delivery_attempt=message.last_delivery_attempt,
+                    )
         if message is None:
             raise APIError("MessageNotFound", "No message found matching provided ID", id=given)
         return message_data(message, wanted, raw)

@@ -64,6 +64,13 @@ class Message:
     #: messages recorded before raw messages were kept.
     raw_message_id: int | None = None
 
+    @property
+    def stand_in(self) -> bool:
+        """The row a delivery recorded before its message created (`record_deliveries`): the envelope and
+        the attempt's status, not the message's own details. No accepted message has size 0: SMTP and
+        ``send/message`` prepend a Received field, and ``send/raw`` needs an authenticated From field."""
+        return self.size == 0
+
 
 @attrs.frozen
 class Delivery:

@@ -1136,6 +1136,35 @@ class MessagesTests(LegacyAPITestCase):
         self.assertEqual(data["details"]["size"], str(len(await self.body_of(entry["id"]))))
         self.assertEqual((await self.call(DELIVERIES, {"id": entry["id"]}))["data"], [])
 
+    async def test_stand_in_completed_from_the_queue(self) -> None:
+        """A message still queued (here: to be retried) whose delivery was recorded before the message
+        itself: its details come from the queue, its status from the recorded attempt."""
+        entry = await self.sent()
+        attempt = DeliveryAttempt(
+            event_id="e1",
+            message_id=entry["id"],
+            attempt=1,
+            status=MessageStatus.SOFT_FAIL,
+            output="451 try later",
+            details="retrying",
+            sent_with_ssl=False,
+            timestamp=NOW + 5,
+            server_id=self.server.id,
+            token=entry["token"],
+            scope=Scope.OUTGOING,
+            mail_from="sender@example.test",
+            rcpt_to="test@example.com",
+        )
+        self.transaction(record_delivery, attempt, NOW)
+        data = (await self.call(MESSAGE, {"id": entry["id"], "_expansions": ["status", "details"]}))["data"]
+        self.assertEqual(
+            (data["status"]["status"], data["status"]["last_delivery_attempt"]), ("SoftFail", NOW + 5)
+        )
+        self.assertEqual(
+            (data["details"]["subject"], data["details"]["tag"], data["details"]["size"]),
+            ("Test", "test-tag", str(len(await self.body_of(entry["id"])))),
+        )
+
     async def test_raw_expansions_without_raw_message(self) -> None:
         """A recorded message out of the queue without a raw message (deleted under retention, or recorded
         before raw messages were kept) gets Postal's expansions for a purged raw message."""
