@@ -975,25 +975,41 @@ class MessagesTests(LegacyAPITestCase):
             await self.call(DELIVERIES, {"id": entry["id"]}, key=self.other_key), "MessageNotFound"
         )
 
+    def record_delivery_first(
+        self,
+        message_id: int,
+        token: str,
+        mail_from: str,
+        rcpt_to: str,
+        status: MessageStatus,
+        output: str,
+        details: str,
+    ) -> None:
+        """Record one delivery attempt (at NOW + 5) of this server's message before the message itself,
+        as a recorder that commits first does: the row it leaves is a stand-in."""
+        attempt = DeliveryAttempt(
+            event_id="e1",
+            message_id=message_id,
+            attempt=1,
+            status=status,
+            output=output,
+            details=details,
+            sent_with_ssl=False,
+            timestamp=NOW + 5,
+            server_id=self.server.id,
+            token=token,
+            scope=Scope.OUTGOING,
+            mail_from=mail_from,
+            rcpt_to=rcpt_to,
+        )
+        self.transaction(record_delivery, attempt, NOW)
+
     async def test_delivery_recorded_before_message(self) -> None:
         """A message whose delivery is recorded but not the message (its queued event is late, or lost) is
         found by its server alone, with the delivery's status, the envelope it names and its attempt."""
-        attempt = DeliveryAttempt(
-            event_id="e1",
-            message_id=8,
-            attempt=1,
-            status=MessageStatus.SENT,
-            output="250 OK",
-            details="sent",
-            sent_with_ssl=True,
-            timestamp=NOW + 5,
-            server_id=self.server.id,
-            token="token8",
-            scope=Scope.OUTGOING,
-            mail_from="test@example.test",
-            rcpt_to="john@example.com",
+        self.record_delivery_first(
+            8, "token8", "test@example.test", "john@example.com", MessageStatus.SENT, "250 OK", "sent"
         )
-        self.transaction(record_delivery, attempt, NOW)
         envelope = await self.call(MESSAGE, {"id": 8, "_expansions": ["status", "details"]})
         self.assertEqual(envelope["status"], "success")
         data = envelope["data"]
@@ -1140,22 +1156,15 @@ class MessagesTests(LegacyAPITestCase):
         """A message still queued (here: to be retried) whose delivery was recorded before the message
         itself: its details come from the queue, its status from the recorded attempt."""
         entry = await self.sent()
-        attempt = DeliveryAttempt(
-            event_id="e1",
-            message_id=entry["id"],
-            attempt=1,
-            status=MessageStatus.SOFT_FAIL,
-            output="451 try later",
-            details="retrying",
-            sent_with_ssl=False,
-            timestamp=NOW + 5,
-            server_id=self.server.id,
-            token=entry["token"],
-            scope=Scope.OUTGOING,
-            mail_from="sender@example.test",
-            rcpt_to="test@example.com",
+        self.record_delivery_first(
+            entry["id"],
+            entry["token"],
+            "sender@example.test",
+            "test@example.com",
+            MessageStatus.SOFT_FAIL,
+            "451 try later",
+            "retrying",
         )
-        self.transaction(record_delivery, attempt, NOW)
         data = (await self.call(MESSAGE, {"id": entry["id"], "_expansions": ["status", "details"]}))["data"]
         self.assertEqual(
             (data["status"]["status"], data["status"]["last_delivery_attempt"]), ("SoftFail", NOW + 5)

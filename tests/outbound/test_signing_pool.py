@@ -150,7 +150,7 @@ class SigningPoolTests(TestCase):
     async def test_a_worker_that_ignores_stop_is_killed(self) -> None:
         """A worker still running ``stop_timeout`` seconds after its input closed gets SIGKILL."""
         script = Path(tempfile.mkdtemp()) / "stuck-worker"
-        script.write_text("#!/bin/sh\nexec sleep 60\n")
+        script.write_text("#!/bin/sh\nexec tail -f /dev/null\n")  # never exits by itself
         script.chmod(script.stat().st_mode | stat.S_IXUSR)
         pool, clock = self.pool(executable=str(script), stop_timeout=5.0)
         (worker,) = pool.workers
@@ -165,7 +165,7 @@ class SigningPoolTests(TestCase):
         """A job unanswered for job_timeout seconds: the worker is killed, its jobs fail over to inline
         signing, and a new worker takes its place."""
         script = Path(tempfile.mkdtemp()) / "silent-worker"
-        script.write_text("#!/bin/sh\nexec sleep 60\n")
+        script.write_text("#!/bin/sh\nexec cat > /dev/null\n")  # reads jobs, never answers
         script.chmod(script.stat().st_mode | stat.S_IXUSR)
         pool, clock = self.pool(executable=str(script), job_timeout=30.0, restart_delay=1.0)
         (worker,) = pool.workers
@@ -213,11 +213,11 @@ class SigningPoolTests(TestCase):
         """An answer that does not unpickle: the worker is killed and its jobs fail over."""
         pool, _ = self.pool(
             executable=_script("""
-                import struct, sys, time
+                import struct, sys
                 sys.stdin.buffer.read(8)
                 sys.stdout.buffer.write(struct.pack(">I", 3) + b"zzz")
                 sys.stdout.buffer.flush()
-                time.sleep(30)
+                sys.stdin.buffer.read()  # alive until killed (or its input closes)
             """)
         )
         (worker,) = pool.workers

@@ -302,7 +302,8 @@ class ConcurrentRecordingTests(DatabaseTestCase):
             while thread.is_alive() and not self.waiting_for_lock(observer, session_id):
                 if time.monotonic() > deadline:
                     self.fail("the other transaction neither finished nor waited for a lock")
-                time.sleep(0.01)
+                # The state waited for is in the database server, not on a clock this test could drive.
+                thread.join(0.01)
 
         def finish() -> None:
             thread.join(WAIT_SECONDS)
