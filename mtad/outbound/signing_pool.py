@@ -83,25 +83,31 @@ class _Worker(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        while len(buffer) >= LENGTH.size:
-            (size,) = LENGTH.unpack_from(buffer)
-            end = LENGTH.size + size
-            if len(buffer) < end:
-                return
-            payload = bytes(buffer[LENGTH.size : end])
-            del buffer[:end]
-            try:
-                job_id, kind, value = pickle.loads(payload)
-                _, answer = self.pending.pop(job_id)
-            except Exception:
-                self.pool.log.failure("signing worker {pid} sent a bad answer; stopping it", pid=self.pid)
-                self.stop("KILL")
-                return
-            if kind == "ok":
-                self.pool.signed += 1
-                answer.callback(value)
-            else:
-                answer.errback(_ERRORS.get(kind, SigningFailed)(value))
+        # One read can hold a hundred answers: consume them by offset and drop them from the buffer once,
+        # not shift the rest of the buffer after each.
+        offset = 0
+        try:
+            while len(buffer) - offset >= LENGTH.size:
+                (size,) = LENGTH.unpack_from(buffer, offset)
+                end = offset + LENGTH.size + size
+                if len(buffer) < end:
+                    return
+                payload = buffer[offset + LENGTH.size : end]
+                offset = end
+                try:
+                    job_id, kind, value = pickle.loads(payload)
+                    _, answer = self.pending.pop(job_id)
+                except Exception:
+                    self.pool.log.failure("signing worker {pid} sent a bad answer; stopping it", pid=self.pid)
+                    self.stop("KILL")
+                    return
+                if kind == "ok":
+                    self.pool.signed += 1
+                    answer.callback(value)
+                else:
+                    answer.errback(_ERRORS.get(kind, SigningFailed)(value))
+        finally:
+            del buffer[:offset]
 
     def errReceived(self, data: bytes) -> None:
         # A worker writes to stderr only when Python itself fails (an import error, a traceback).

@@ -254,6 +254,16 @@ class SigningPoolTests(TestCase):
             worker.outReceived(data[i : i + 1])
         self.assertEqual(got, {1: b"one", 2: b"two"})
         self.assertEqual((worker.pending, pool.signed), ({}, 2))
+        # Many answers and part of the next in one read, the rest of it in the following read.
+        for job_id in (3, 4, 5):
+            answer = Deferred()
+            answer.addCallback(lambda value, job_id=job_id: got.setdefault(job_id, value))
+            worker.pending[job_id] = (0.0, answer)
+        data = frame((3, "ok", b"three")) + frame((4, "ok", b"four")) + frame((5, "ok", b"five"))
+        worker.outReceived(data[:-3])
+        self.assertEqual((sorted(got), sorted(worker.pending)), ([1, 2, 3, 4], [5]))
+        worker.outReceived(data[-3:])
+        self.assertEqual((got[5], worker.pending, pool.signed), (b"five", {}, 5))
 
     def test_at_least_one_process(self) -> None:
         with self.assertRaises(ValueError):
