@@ -39,7 +39,10 @@ from mtad.accept import Acceptor
 from mtad.config import Config
 from mtad.domains.dns_check import DomainDNSChecker
 from mtad.events.archive import ArchiveCatchUp
+from mtad.events.consumer import StreamConsumer
+from mtad.events.recorder import GROUP as RECORDER_GROUP
 from mtad.events.recorder import Recorder
+from mtad.events.trim import StreamTrim
 from mtad.mail.dkim import DKIMKey
 from mtad.mail.dkim_keys import RSA, dkim_txt_value, load_or_create_key
 from mtad.outbound.deliverer import Deliverer, DelivererConfig
@@ -52,7 +55,7 @@ from mtad.outbound.signing import MessageSigner, SignElsewhere
 from mtad.outbound.signing_pool import SigningPool
 from mtad.queue.client import RedisClient
 from mtad.queue.embedded import EmbeddedRedis
-from mtad.queue.events import EventStream
+from mtad.queue.events import EventStream, StreamMaintenance
 from mtad.queue.limits import AuthFailureCounter, ConnectionLimiter
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.client import ClientTimeouts
@@ -65,6 +68,10 @@ from mtad.store.migrate import schema_problem, upgrade_schema
 from mtad.store.raw_messages import RawMessageRetention
 from mtad.store.servers import Server
 from mtad.tls import ensure_self_signed, server_context
+
+#: Every consumer group of the event stream: created at start by every process, so that the stream is
+#: never trimmed past a group before it exists.
+CONSUMER_GROUPS = (RECORDER_GROUP,)
 
 #: Seconds open SMTP sessions may take to finish after the listeners close on shutdown.
 SMTP_GRACE_SECONDS = 10.0
@@ -99,6 +106,7 @@ class MtadService(Service):
         self.signing_pool: SigningPool | None = None
         self.database: Database | None = None
         self.delivery: DeliveryService | None = None
+        self.stream: StreamMaintenance | None = None
 
     # -- start --------------------------------------------------------------------------------------------
 
@@ -165,9 +173,22 @@ class MtadService(Service):
         await self._check_persistence(self.queue)
         self.database = await self._open_database()
 
-        recorder = Recorder(self.database, await self._stream("recorder"), self._reactor, self.queue)
+        events = config.events
+        for group in CONSUMER_GROUPS:
+            # Every group exists before anything is trimmed, whatever this process runs.
+            await self._stream(group).ensure_group()
+        recorder = StreamConsumer(
+            self._stream(RECORDER_GROUP),
+            Recorder(self.database, self._reactor, self.queue),
+            self._reactor,
+            idle_delay=events.poll_interval,
+        )
         recorder.startService()
         self._on_stop("recorder", recorder.stopService)
+        self.stream = StreamMaintenance(self.redis)
+        trim = StreamTrim(self._reactor, self.stream, CONSUMER_GROUPS, interval=events.trim_interval)
+        trim.startService()
+        self._on_stop("event stream trim", trim.stopService)
         retention = config.retention
         raw_retention = RawMessageRetention(
             self._reactor,
@@ -245,11 +266,12 @@ class MtadService(Service):
                 url=self.config.redis.url,
             )
 
-    async def _stream(self, group: str) -> EventStream:
+    def _stream(self, group: str) -> EventStream:
+        """This process's consumer in ``group``."""
         assert self.redis is not None
-        stream = EventStream(self.redis, group, self.owner)
-        await stream.ensure_group()
-        return stream
+        return EventStream(
+            self.redis, group, self.owner, claim_idle=self.config.events.claim_idle, clock=self._reactor
+        )
 
     async def _open_database(self) -> Database:
         config = self.config
@@ -465,6 +487,8 @@ class MtadService(Service):
             [*smtp_listeners, *http_statuses],
             embedded_redis=self.embedded_redis is not None,
             signing=self.signing_pool.status if self.signing_pool is not None else None,
+            events=self.stream,
+            events_alarm_length=config.events.stream_alarm_length,
         )
 
         legacy = LegacyAPI(

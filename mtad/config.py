@@ -210,6 +210,23 @@ class RetentionConfig:
 
 
 @attrs.frozen
+class EventsConfig:
+    """``[events]``: the event stream and its consumers (recorder, webhooks, ...)."""
+
+    #: ``/status`` raises an alarm when the stream holds more events than this. The stream is never
+    #: trimmed past a consumer group that has not acknowledged an event, so a stuck consumer shows here
+    #: instead of losing webhooks.
+    stream_alarm_length: int = attrs.field(default=1_000_000, metadata=_check(_positive))
+    #: Seconds between trims of what every consumer group has acknowledged.
+    trim_interval: float = attrs.field(default=10.0, metadata=_check(_positive))
+    #: Seconds a consumer waits after finding no new events: how late a quiet stream's event is handled.
+    poll_interval: float = attrs.field(default=0.2, metadata=_check(_positive))
+    #: Seconds an event may stay unacknowledged with a consumer before another consumer of its group
+    #: takes it over (the first was killed).
+    claim_idle: float = attrs.field(default=60.0, metadata=_check(_positive))
+
+
+@attrs.frozen
 class SourceAddressConfig:
     #: Local address outbound connections bind to.
     ip: str
@@ -234,6 +251,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     domains: DomainsConfig = DomainsConfig()
     retention: RetentionConfig = RetentionConfig()
+    events: EventsConfig = EventsConfig()
     #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
     #: source address and ``general.hostname`` as HELO name.
     ip_pools: tuple[IPPoolConfig, ...] = ()

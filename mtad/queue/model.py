@@ -47,9 +47,9 @@ class NewMessage:
     """One recipient's message, handed to `RedisQueue.enqueue` with the body it shares with its siblings.
 
     ``fields`` are extra string fields stored in the message hash (e.g. ``message_id``, ``tag``,
-    ``bounce``); ``event`` is extra data for the ``message.queued`` event (e.g. ``subject``,
-    ``message_id``, ``tag``), which already carries id, raw_message_id, token, server_id, scope, mail_from,
-    rcpt_to, pool, size and timestamp. ``due_at`` schedules the first attempt (default: now); ``held``
+    ``bounce``); ``event`` is what the ``message.queued`` event (`mtad.events.schema.MessageQueued`) carries
+    beyond the envelope: ``subject``, ``message_id``, ``tag``, ``received_with_ssl`` (other keys are
+    ignored). ``due_at`` schedules the first attempt (default: now); ``held``
     keeps the message in the held set (development mode) until `RedisQueue.release_held`.
     """
 
@@ -68,14 +68,6 @@ class NewMessage:
         clash = RESERVED_FIELDS.intersection(self.fields)
         if clash:
             raise ValueError(f"NewMessage.fields may not set reserved fields: {sorted(clash)}")
-
-
-@attrs.frozen
-class NewEvent:
-    """An event to append to the stream in the same script call as a queue change."""
-
-    type: str
-    data: Mapping[str, Any]
 
 
 @attrs.frozen

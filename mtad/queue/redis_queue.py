@@ -13,7 +13,6 @@ message another worker now holds changes nothing (the call returns False).
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from mtad.events.schema import AnyEvent, MessageDelivery, MessageQueued, encode, queued_tail
 from mtad.queue.client import RedisClient
 from mtad.queue.keys import (
     ACK,
@@ -46,15 +46,11 @@ from mtad.queue.keys import (
 from mtad.queue.model import (
     RESERVED_FIELDS,
     ClaimedMessage,
-    NewEvent,
     NewMessage,
     PinnedBody,
     QueueError,
     QueueStats,
 )
-
-#: Approximate cap on the event stream (``XADD MAXLEN ~``): consumers must keep up within this many events.
-DEFAULT_EVENTS_MAXLEN = 1_000_000
 
 _HELD_FIELDS = frozenset(
     {
@@ -111,10 +107,6 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def _event_json(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-
-
 class RedisQueue:
     """The async queue API over one `RedisClient`. Every method returns a Deferred.
 
@@ -128,23 +120,19 @@ class RedisQueue:
         self,
         client: RedisClient,
         keys: QueueKeys | None = None,
-        events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
         requeue_batch: int = 1000,
     ) -> None:
         self.client = client
         self.keys = keys if keys is not None else QueueKeys()
-        self.events_maxlen = events_maxlen
         self.requeue_batch = requeue_batch
 
     def _run(self, script: Script, args: list[str | bytes | int | float]) -> Deferred[Any]:
         return self.client.run_script(script, self.keys.queue_keys(), [self.keys.prefix, *args])
 
-    def _event_args(self, event: NewEvent | None) -> list[str | bytes | int | float]:
+    def _event_args(self, event: AnyEvent | None) -> list[str | bytes | int | float]:
         if event is None:
-            return [self.events_maxlen, "", ""]
-        if not event.type:
-            raise ValueError("event type must not be empty")
-        return [self.events_maxlen, event.type, _event_json(event.data)]
+            return ["", ""]
+        return list(encode(event))
 
     # -- accept ---------------------------------------------------------------------------------------
 
@@ -163,27 +151,29 @@ class RedisQueue:
         args: list[str | bytes | int | float] = [
             _number(now),
             body,
-            self.events_maxlen,
             len(messages),
             messages[0].server_id,
         ]
         for m in messages:
-            event = {
-                "token": m.token,
-                "server_id": m.server_id,
-                "scope": m.scope,
-                "mail_from": m.mail_from,
-                "rcpt_to": m.rcpt_to,
-                "pool": m.pool,
-                "size": len(body),
-                "timestamp": now,
-                "held": m.held,
-                **m.event,
-            }
-            # The script writes these two itself, once it has allocated the ids.
-            event.pop("id", None)
-            event.pop("raw_message_id", None)
-            tail = _event_json(event)[1:]
+            # The script writes the two ids itself, once it has allocated them.
+            event = MessageQueued(
+                id=0,
+                raw_message_id=0,
+                token=m.token,
+                server_id=m.server_id,
+                scope=m.scope,
+                mail_from=m.mail_from,
+                rcpt_to=m.rcpt_to,
+                pool=m.pool,
+                size=len(body),
+                timestamp=now,
+                held=m.held,
+                subject=m.event.get("subject"),
+                message_id=m.event.get("message_id"),
+                tag=m.event.get("tag"),
+                received_with_ssl=bool(m.event.get("received_with_ssl", False)),
+            )
+            tail = queued_tail(event)
             fields: dict[str, str] = {
                 "token": m.token,
                 "server_id": str(m.server_id),
@@ -230,7 +220,7 @@ class RedisQueue:
         """Return leases whose deadline passed to due; fires with how many (up to ``requeue_batch``)."""
         return self._run(REQUEUE_EXPIRED, [_number(now), self.requeue_batch]).addCallback(int)
 
-    def ack(self, message_id: int, lease_token: str, event: NewEvent | None = None) -> Deferred[bool]:
+    def ack(self, message_id: int, lease_token: str, event: MessageDelivery | None = None) -> Deferred[bool]:
         """The message is done (Sent or HardFail): delete it, drop its body reference, append ``event``.
 
         Fires False (and changes nothing) when ``lease_token`` is no longer the message's lease.
@@ -239,14 +229,14 @@ class RedisQueue:
         return self._run(ACK, args).addCallback(bool)
 
     def retry(
-        self, message_id: int, lease_token: str, next_attempt_at: float, event: NewEvent | None = None
+        self, message_id: int, lease_token: str, next_attempt_at: float, event: MessageDelivery | None = None
     ) -> Deferred[bool]:
         """Soft failure: count the attempt and make the message due again at ``next_attempt_at``."""
         args = [message_id, lease_token, _number(next_attempt_at), *self._event_args(event)]
         return self._run(RETRY, args).addCallback(bool)
 
     def hold(
-        self, message_id: int, lease_token: str, now: float, event: NewEvent | None = None
+        self, message_id: int, lease_token: str, now: float, event: MessageDelivery | None = None
     ) -> Deferred[bool]:
         """Move a leased message to the held set (kept, never due until `release_held`)."""
         args = [message_id, lease_token, _number(now), *self._event_args(event)]
@@ -256,7 +246,7 @@ class RedisQueue:
         """Make a held message due at ``now``; False when it is not held."""
         return self._run(RELEASE_HELD, [message_id, _number(now)]).addCallback(bool)
 
-    def cancel_held(self, message_id: int, event: NewEvent | None = None) -> Deferred[bool]:
+    def cancel_held(self, message_id: int, event: MessageDelivery | None = None) -> Deferred[bool]:
         """Delete a held message (and its body reference); False when it is not held."""
         return self._run(CANCEL_HELD, [message_id, *self._event_args(event)]).addCallback(bool)
 
@@ -280,34 +270,25 @@ class RedisQueue:
         return self._run(HELD_BEFORE, [_number(before), limit]).addCallback(parse)
 
     def expire_held(
-        self, before: float, limit: int, event_for: Callable[[HeldMessage], NewEvent]
+        self, before: float, limit: int, event_for: Callable[[HeldMessage], MessageDelivery]
     ) -> Deferred[list[int]]:
         """Cancel up to ``limit`` messages held at or before ``before``, each with ``event_for(message)``.
 
         Two round trips: read the candidates (`held_before`), then cancel them in one script that skips any
         released, cancelled or held again in between, so two processes sweeping at once cancel each message
-        once. Fires with the ids cancelled. Every event must have the same type.
+        once. Fires with the ids cancelled.
         """
         return Deferred.fromCoroutine(self._expire_held(before, limit, event_for))
 
     async def _expire_held(
-        self, before: float, limit: int, event_for: Callable[[HeldMessage], NewEvent]
+        self, before: float, limit: int, event_for: Callable[[HeldMessage], MessageDelivery]
     ) -> list[int]:
         candidates = await self.held_before(before, limit)
         if not candidates:
             return []
-        events = [event_for(m) for m in candidates]
-        types = {e.type for e in events}
-        if len(types) != 1 or not events[0].type:
-            raise ValueError(f"expire_held needs one non-empty event type, got {sorted(types)}")
-        args: list[str | bytes | int | float] = [
-            _number(before),
-            self.events_maxlen,
-            events[0].type,
-            len(candidates),
-        ]
-        for message, event in zip(candidates, events, strict=True):
-            args += [message.id, _event_json(event.data)]
+        args: list[str | bytes | int | float] = [_number(before), MessageDelivery.TYPE, len(candidates)]
+        for message in candidates:
+            args += [message.id, encode(event_for(message))[1]]
         expired = await self._run(EXPIRE_HELD, args)
         return [int(i) for i in expired]
 

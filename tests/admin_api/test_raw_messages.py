@@ -7,9 +7,10 @@ import hashlib
 from typing import Any
 
 from admin_api.legacy_api import ruby_base64
+from mtad.events.consumer import StreamConsumer
 from mtad.events.recorder import Recorder
+from mtad.events.schema import MessageDelivery
 from mtad.queue.events import EventStream
-from mtad.queue.model import NewEvent
 from mtad.store.raw_messages import RawMessageRetention
 from tests.admin_api.support import NOW, LegacyAPITestCase
 from tests.admin_api.test_legacy_api import MESSAGE, SEND, send_params
@@ -23,21 +24,18 @@ class DeliveredMessageTests(LegacyAPITestCase):
         """Deliver every queued message (Sent), then let the recorder read the stream: the order in which
         a fast delivery and a recorder a moment behind leave things."""
         for claimed in await self.queue.claim(NOW, 100, 60.0, "deliverer"):
-            event = NewEvent(
-                "message.delivery",
-                {
-                    "message_id": claimed.id,
-                    "attempt": 1,
-                    "status": "Sent",
-                    "output": "250 2.0.0 OK",
-                    "details": "Message for test@example.com accepted",
-                    "timestamp": NOW,
-                },
+            event = MessageDelivery(
+                message_id=claimed.id,
+                attempt=1,
+                status="Sent",
+                output="250 2.0.0 OK",
+                details="Message for test@example.com accepted",
+                timestamp=NOW,
             )
             self.assertTrue(await self.queue.ack(claimed.id, claimed.lease_token, event))
         stream = EventStream(self.redis, "recorder", "recorder-1", keys=self.keys)
-        recorder = Recorder(self.database, stream, self.clock, self.queue)
-        while await recorder.record_batch():
+        recorder = StreamConsumer(stream, Recorder(self.database, self.clock, self.queue), self.clock)
+        while await recorder.run_once():
             pass
 
     async def message(self, id: int) -> dict[str, Any]:

@@ -250,8 +250,11 @@ class SettleTests(ServiceTestCase):
     """Each delivery status leaves the queue in Postal's state with a recorder-ready event."""
 
     async def test_sent_is_acked_with_event(self) -> None:
-        """A Sent result deletes the message and appends a Sent event the recorder can parse."""
-        (mid,) = await self.enqueue("a@Example.TEST")
+        """A Sent result deletes the message and appends a Sent event the recorder can parse, naming the
+        message's subject, Message-ID field and tag for webhooks."""
+        (mid,) = await self.enqueue(
+            "a@Example.TEST", subject="Hello", message_id="m1@mtad.test", tag="welcome"
+        )
         deliverer = FakeDeliverer(every(SENT))
         service = self.start(deliverer)
         (data,) = await self.wait_for_deliveries(1)
@@ -288,6 +291,9 @@ class SettleTests(ServiceTestCase):
                 "enhanced_code": "2.0.0",
                 "mx": "mx1.example.test",
                 "source_ip": "127.0.0.10",
+                "subject": "Hello",
+                "header_message_id": "m1@mtad.test",
+                "tag": "welcome",
             },
         )
         attempt = parse_delivery(Event("1-0", MESSAGE_DELIVERY, data))

@@ -12,9 +12,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtad.events.recorder import MESSAGE_DELIVERY, parse_delivery
+from mtad.events.recorder import parse_delivery
+from mtad.events.schema import MessageDelivery, to_dict
 from mtad.outbound.holds import HOLD_CANCELLED, HoldExpiry, hold_cancelled_event
-from mtad.queue.model import NewEvent, RedisUnavailable
+from mtad.queue.model import RedisUnavailable
 from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from mtad.store.db import make_engine
 from mtad.store.messages import MessageStatus, find_message, list_deliveries
@@ -170,10 +171,10 @@ class ServiceTests(SynchronousTestCase):
         """The HoldCancelled event carries the recorder's fields and the message's envelope."""
         message = HeldMessage(12, "tok", 3, "outgoing", "a@x.test", "b@y.test", 2, NOW, NOW, {})
         event = hold_cancelled_event(message, NOW + 5)
-        self.assertEqual(event.type, MESSAGE_DELIVERY)
-        self.assertIsInstance(event, NewEvent)
+        self.assertIsInstance(event, MessageDelivery)
+        data = to_dict(event)
         self.assertEqual(
-            {k: event.data[k] for k in ("message_id", "attempt", "status", "details", "timestamp", "token")},
+            {k: data[k] for k in ("message_id", "attempt", "status", "details", "timestamp", "token")},
             {
                 "message_id": 12,
                 "attempt": 3,

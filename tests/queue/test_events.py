@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from mtad.events.schema import MessageDelivery, to_dict
 from mtad.queue.events import EventStream
-from mtad.queue.model import NewEvent, NewMessage
+from mtad.queue.model import NewMessage
 from mtad.queue.redis_queue import RedisQueue
 from tests.redis_server import RedisTestCase
 
@@ -79,10 +80,11 @@ class EventStreamTests(RedisTestCase):
         """Events from ack come after the queued event, in stream order."""
         (mid,) = await self.queue.enqueue(b"x", [message("a@x.test")], NOW)
         (claimed,) = await self.queue.claim(NOW, 1, 60, "w")
-        await self.queue.ack(mid, claimed.lease_token, NewEvent("message.delivery", {"message_id": mid}))
+        sent = MessageDelivery(message_id=mid, attempt=1, status="Sent", timestamp=NOW)
+        await self.queue.ack(mid, claimed.lease_token, sent)
         events = await self.stream().read(10)
         self.assertEqual([e.type for e in events], ["message.queued", "message.delivery"])
-        self.assertEqual(events[1].data, {"message_id": mid})
+        self.assertEqual(events[1].data, to_dict(sent))
 
     async def test_ensure_group_is_idempotent(self) -> None:
         """Creating the group twice is fine (BUSYGROUP is not an error)."""

@@ -7,7 +7,8 @@ from typing import Any
 
 from twisted.internet.defer import gatherResults, succeed
 
-from mtad.queue.model import ClaimedMessage, NewEvent, NewMessage, PinnedBody
+from mtad.events.schema import MessageDelivery, to_dict
+from mtad.queue.model import ClaimedMessage, NewMessage, PinnedBody
 from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from tests.redis_server import RedisTestCase
 
@@ -206,17 +207,19 @@ class ClaimTests(QueueTestCase):
         self.assertNotIn("lease_token", fields)
 
 
+def delivered(message_id: int, status: str) -> MessageDelivery:
+    return MessageDelivery(message_id=message_id, attempt=1, status=status, timestamp=NOW)
+
+
 class SettleTests(QueueTestCase):
     async def test_ack_deletes_message_and_appends_event(self) -> None:
         """ack deletes the message and appends the caller's event in the same call."""
         (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
         claimed = await self.claim_one()
-        event = NewEvent("message.delivery", {"message_id": mid, "status": "Sent"})
+        event = delivered(mid, "Sent")
         self.assertTrue(await self.queue.ack(mid, claimed.lease_token, event))
         self.assertEqual(await self.queue.message_fields(mid), {})
-        self.assertEqual(
-            (await self.events())[-1], ("message.delivery", {"message_id": mid, "status": "Sent"})
-        )
+        self.assertEqual((await self.events())[-1], ("message.delivery", to_dict(event)))
         stats = await self.queue.stats(NOW)
         self.assertEqual((stats.due_now, stats.leased, stats.oldest_age_seconds), (0, 0, None))
 
@@ -224,7 +227,7 @@ class SettleTests(QueueTestCase):
         """ack with a wrong lease token changes nothing, appends no event and returns False."""
         (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
         await self.claim_one()
-        self.assertFalse(await self.queue.ack(mid, "stale", NewEvent("message.delivery", {"x": 1})))
+        self.assertFalse(await self.queue.ack(mid, "stale", delivered(mid, "Sent")))
         self.assertEqual((await self.queue.message_fields(mid))["state"], "leased")
         self.assertEqual(len(await self.events()), 1)
 
@@ -243,7 +246,7 @@ class SettleTests(QueueTestCase):
         """retry increments attempts and makes the message due again at the given time only."""
         (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
         claimed = await self.claim_one()
-        event = NewEvent("message.delivery", {"message_id": mid, "status": "SoftFail"})
+        event = delivered(mid, "SoftFail")
         self.assertTrue(await self.queue.retry(mid, claimed.lease_token, NOW + 300, event))
         self.assertEqual(await self.queue.claim(NOW + 299, 10, 60, "w"), [])
         again = await self.claim_one(NOW + 300)
@@ -304,7 +307,7 @@ class HeldTests(QueueTestCase):
         (mid,) = await self.queue.enqueue(BODY, [message()], NOW)
         claimed = await self.claim_one()
         self.assertFalse(await self.queue.hold(mid, "stale", NOW))
-        event = NewEvent("message.delivery", {"message_id": mid, "status": "Held"})
+        event = delivered(mid, "Held")
         self.assertTrue(await self.queue.hold(mid, claimed.lease_token, NOW, event))
         fields = await self.queue.message_fields(mid)
         self.assertEqual(fields["state"], "held")
@@ -316,11 +319,13 @@ class HeldTests(QueueTestCase):
         (mid,) = await self.queue.enqueue(BODY, [message(held=True)], NOW)
         (other,) = await self.queue.enqueue(BODY, [message()], NOW)
         self.assertFalse(await self.queue.cancel_held(other))
-        self.assertTrue(await self.queue.cancel_held(mid, NewEvent("message.cancelled", {"message_id": mid})))
+        self.assertTrue(await self.queue.cancel_held(mid, delivered(mid, "HoldCancelled")))
         self.assertEqual(await self.queue.message_fields(mid), {})
         await self.queue.release_archived([mid])
         self.assertFalse(await self.exists(self.keys.body(mid)))
-        self.assertEqual((await self.events())[-1], ("message.cancelled", {"message_id": mid}))
+        self.assertEqual(
+            (await self.events())[-1], ("message.delivery", to_dict(delivered(mid, "HoldCancelled")))
+        )
         self.assertEqual((await self.queue.stats(NOW)).held, 0)
 
 
@@ -461,8 +466,8 @@ class StatsTests(QueueTestCase):
 class HeldReadAndExpireTests(QueueTestCase):
     """Reading held messages and expiring them in batches (the hold expiry sweep's queue calls)."""
 
-    def cancelled(self, message: HeldMessage) -> NewEvent:
-        return NewEvent("message.delivery", {"message_id": message.id, "status": "HoldCancelled"})
+    def cancelled(self, message: HeldMessage) -> MessageDelivery:
+        return delivered(message.id, "HoldCancelled")
 
     async def test_held_message_reads_only_held(self) -> None:
         """held_message returns a held message's envelope, hold time and fields; None when not held."""
@@ -505,7 +510,7 @@ class HeldReadAndExpireTests(QueueTestCase):
         self.assertIsNotNone(await self.queue.held_message(young))
         self.assertEqual((await self.queue.message_fields(due))["state"], "due")
         self.assertEqual(
-            (await self.events())[-1], ("message.delivery", {"message_id": old, "status": "HoldCancelled"})
+            (await self.events())[-1], ("message.delivery", to_dict(delivered(old, "HoldCancelled")))
         )
         self.assertEqual((await self.queue.stats(NOW)).held, 1)
 

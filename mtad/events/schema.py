@@ -1,0 +1,229 @@
+"""The event stream's schema: one frozen class per event type, each with one encoding.
+
+Every producer (the accept path's Lua, the delivery service, hold expiry, and later bounce processing and
+tracking) writes events only through these classes, and every consumer (recorder, webhooks, suppression,
+send limits) reads them only through `decode`; so a field renamed in one place is a type error or a
+failing test, never a silently empty column or webhook. ``tests/events/test_schema.py`` holds the Lua
+side (``ENQUEUE`` writes the ``message.queued`` JSON itself) to the same decoder.
+
+On the stream an event is two fields: ``type`` (the class's ``TYPE``) and ``data``, a JSON object of the
+class's fields (compact, keys sorted, UTF-8 unescaped). Decoding is strict about types (a boolean is not
+a number, a number is not a string) and lenient about extra keys (a newer producer may add a field an
+older consumer ignores) and about optional fields left out (an older producer's event still decodes).
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeAlias
+
+import attrs
+
+from mtad.queue.model import Event
+
+#: Delivery statuses, as Postal names them (``mtad.store.messages.MessageStatus`` holds the same values;
+#: the schema keeps its own list so that producers need not import the store).
+DELIVERY_STATUSES = frozenset(
+    {"Pending", "Sent", "SoftFail", "HardFail", "Held", "Bounced", "HoldCancelled", "Processed", "Error"}
+)
+SCOPES = frozenset({"outgoing", "incoming"})
+
+
+class BadEvent(ValueError):
+    """A stream entry that no version of the schema can read: unknown type, bad JSON, missing or ill-typed
+    field. Retrying cannot fix it, so consumers park it (`mtad.events.consumer`) rather than retry."""
+
+
+def _choices(*values: str) -> dict[str, frozenset[str]]:
+    return {"choices": frozenset(values)}
+
+
+@attrs.frozen(kw_only=True)
+class MessageQueued:
+    """A message was accepted and stored (one per recipient); written by the ``ENQUEUE`` Lua script.
+
+    ``id`` and ``raw_message_id`` are allocated by the script, which writes them in front of the JSON the
+    rest of this class encodes to (`queued_tail`).
+    """
+
+    TYPE: ClassVar[str] = "message.queued"
+
+    id: int
+    #: None in events written before raw messages were kept.
+    raw_message_id: int | None = None
+    token: str
+    server_id: int
+    scope: str = attrs.field(metadata=_choices(*SCOPES))
+    mail_from: str
+    rcpt_to: str
+    size: int
+    timestamp: float
+    pool: str = ""
+    held: bool = False
+    subject: str | None = None
+    #: The Message-ID field without angle brackets (Postal's ``message_id``).
+    message_id: str | None = None
+    tag: str | None = None
+    received_with_ssl: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class MessageDelivery:
+    """One delivery attempt's outcome (Sent, SoftFail, HardFail, Held, HoldCancelled, ...).
+
+    Besides what the delivery row needs, it names the message (server, token, envelope, subject, Message-ID
+    field, tag) so that webhook consumers can build Postal's message object without reading SQL, where
+    the message may not be recorded yet.
+    """
+
+    TYPE: ClassVar[str] = "message.delivery"
+
+    message_id: int
+    attempt: int
+    status: str = attrs.field(metadata=_choices(*DELIVERY_STATUSES))
+    timestamp: float
+    details: str | None = None
+    code: int | None = None
+    output: str | None = None
+    sent_with_ssl: bool = False
+    log_id: str | None = None
+    time: float | None = None
+    hold_expiry: float | None = None
+    server_id: int | None = None
+    token: str | None = None
+    scope: str | None = attrs.field(default=None, metadata=_choices(*SCOPES))
+    mail_from: str | None = None
+    rcpt_to: str | None = None
+    enhanced_code: str | None = None
+    mx: str | None = None
+    source_ip: str | None = None
+    subject: str | None = None
+    #: The message's Message-ID field (``message_id`` is its numeric id).
+    header_message_id: str | None = None
+    tag: str | None = None
+
+
+AnyEvent: TypeAlias = MessageQueued | MessageDelivery
+
+EVENT_CLASSES: dict[str, type[AnyEvent]] = {cls.TYPE: cls for cls in (MessageQueued, MessageDelivery)}
+
+
+@attrs.frozen
+class Received:
+    """A decoded event as a consumer sees it: its stream id (unique, so the key for idempotence) and it."""
+
+    id: str
+    event: AnyEvent
+
+
+@attrs.frozen
+class _Field:
+    name: str
+    kinds: tuple[type, ...]
+    optional: bool
+    required: bool
+    choices: frozenset[str] | None
+
+
+_FIELDS: dict[type, tuple[_Field, ...]] = {}
+
+
+def _fields(cls: type[AnyEvent]) -> tuple[_Field, ...]:
+    known = _FIELDS.get(cls)
+    if known is None:
+        known = _FIELDS[cls] = _field_specs(cls)
+    return known
+
+
+def _field_specs(cls: type[AnyEvent]) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in attrs.fields(cls):
+        hint = hints[f.name]
+        args = typing.get_args(hint) or (hint,)
+        kinds = tuple(a for a in args if a is not type(None))
+        if float in kinds:
+            kinds = (*kinds, int)  # JSON writes 5.0 as 5 where the producer is not Python
+        fields.append(
+            _Field(
+                name=f.name,
+                kinds=kinds,
+                optional=type(None) in args,
+                required=f.default is attrs.NOTHING,
+                choices=f.metadata.get("choices"),
+            )
+        )
+    return tuple(fields)
+
+
+def to_dict(event: AnyEvent) -> dict[str, Any]:
+    """The event's fields as the JSON object it is encoded to."""
+    return attrs.asdict(event, recurse=False)
+
+
+def _json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def encode(event: AnyEvent) -> tuple[str, str]:
+    """``(type, data)`` as the stream entry holds them."""
+    return event.TYPE, _json(to_dict(event))
+
+
+def queued_tail(event: MessageQueued) -> str:
+    """``event``'s JSON without its opening brace and without the two ids, as ``ENQUEUE`` takes it.
+
+    The script writes ``{"id":<id>,"raw_message_id":<body id>,`` in front, so the ids it allocates reach
+    the stream without a JSON round trip in Lua; the keys that follow are still sorted after those two.
+    """
+    data = to_dict(event)
+    del data["id"], data["raw_message_id"]
+    return _json(data)[1:]
+
+
+def from_dict(cls: type[AnyEvent], data: Mapping[str, Any]) -> AnyEvent:
+    """``cls`` from its JSON object, checked field by field; `BadEvent` naming the field otherwise."""
+    values: dict[str, Any] = {}
+    for f in _fields(cls):
+        if f.name not in data:
+            if f.required:
+                raise BadEvent(f"{cls.TYPE}: missing field {f.name!r}")
+            continue
+        value = data[f.name]
+        if value is None:
+            if not f.optional:
+                raise BadEvent(f"{cls.TYPE}: field {f.name!r} must not be null")
+        elif not isinstance(value, f.kinds) or (isinstance(value, bool) and bool not in f.kinds):
+            raise BadEvent(f"{cls.TYPE}: field {f.name!r} has wrong type {type(value).__name__}")
+        elif f.choices is not None and value not in f.choices:
+            raise BadEvent(f"{cls.TYPE}: field {f.name!r} has unknown value {value!r}")
+        if float in f.kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def decode_entry(entry: Event) -> Received:
+    """A stream entry as `mtad.queue.events.EventStream` reads it (JSON already parsed), decoded."""
+    cls = EVENT_CLASSES.get(entry.type)
+    if cls is None:
+        raise BadEvent(f"unknown event type {entry.type!r}")
+    return Received(entry.id, from_dict(cls, entry.data))
+
+
+def decode(type_: str, data: str | bytes | None) -> AnyEvent:
+    """The event a stream entry holds; `BadEvent` when it cannot be read."""
+    cls = EVENT_CLASSES.get(type_)
+    if cls is None:
+        raise BadEvent(f"unknown event type {type_!r}")
+    if data is None:
+        raise BadEvent(f"{type_}: entry has no data")
+    try:
+        parsed = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadEvent(f"{type_}: data is not JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise BadEvent(f"{type_}: data is not a JSON object")
+    return from_dict(cls, parsed)
