@@ -1,7 +1,8 @@
 """``/api/v1``: Postal's legacy HTTP API (send/message, send/raw, messages/message, messages/deliveries).
 
 The wire format is Postal's (``app/controllers/legacy_api/*.rb`` at 3.3.6), so Postal's clients work
-unchanged: GET, POST, PUT and PATCH alike; parameters as a JSON body or a ``params`` field holding JSON;
+unchanged: GET, POST, PUT and PATCH alike; parameters as a JSON body or a ``params`` field holding JSON
+(and, beyond Postal, as Rails-style form and query fields: `admin_api.params.request_params`);
 the server named by the ``X-Server-API-Key`` header; and always HTTP 200 with the envelope
 ``{"status": "success" | "error" | "parameter-error", "time": seconds, "flags": {}, "data": {...}}``.
 
@@ -42,7 +43,6 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from email.message import EmailMessage
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import parse_qs
 
 import attrs
 from klein import Klein
@@ -483,12 +483,10 @@ class LegacyAPI:
         body = content.read()
         raw_type = request.getHeader(b"content-type")  # type: ignore[no-untyped-call]
         content_type = (raw_type or b"").decode("latin-1")
-        fields: dict[bytes, list[bytes]] = dict(request.args)
-        if content_type.strip().lower().startswith("application/x-www-form-urlencoded"):
-            # Twisted reads form bodies of POST only; Postal takes them with every method.
-            fields.update(parse_qs(body, keep_blank_values=True))
-        values = fields.get(b"params")
-        return p.request_params(content_type, body, values[-1] if values else None)
+        # The raw query and body rather than Twisted's ``request.args``: those are read for POST only,
+        # grouped by name (losing the order ``attachments[][name]`` needs) and split on ";" as well.
+        query = request.uri.partition(b"?")[2]
+        return p.request_params(content_type, body, query)
 
     # -- authentication -------------------------------------------------------------------------------
 

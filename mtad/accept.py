@@ -18,10 +18,12 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mtad.mail.compose import format_date, new_message_id
 from mtad.mail.headers import decode_value as _decode
 from mtad.mail.headers import header_addresses, header_section, read_fields
 from mtad.queue.model import NewMessage, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
+from mtad.store.messages import Scope
 from mtad.store.servers import Server, ServerMode
 
 #: Postal's message tokens: twelve random letters and digits (URL-safe, ~71 bits).
@@ -47,6 +49,8 @@ class AcceptedMessage:
     id: int
     token: str
     rcpt_to: str
+    #: The message's Message-ID (without angle brackets) as recorded: the one added if it had none.
+    message_id: str | None = None
 
 
 @attrs.frozen
@@ -79,12 +83,15 @@ def new_token() -> str:
     return "".join(chars)
 
 
-_WANTED = (b"subject", b"message-id", b"x-postal-tag")
+_WANTED = frozenset((b"subject", b"message-id", b"x-postal-tag", b"date"))
 
 
 def parse_headers(message: bytes) -> MessageHeaders:
     """Subject, Message-ID and tag of ``message``; malformed or missing fields give None, never an error."""
-    fields = read_fields(header_section(message), _WANTED)
+    return _message_headers(read_fields(header_section(message), _WANTED))
+
+
+def _message_headers(fields: dict[bytes, list[bytes]]) -> MessageHeaders:
     subjects = fields.get(b"subject")
     subject = _decode(subjects[0]) if subjects else None
     ids = fields.get(b"message-id")
@@ -95,6 +102,44 @@ def parse_headers(message: bytes) -> MessageHeaders:
     tags = fields.get(b"x-postal-tag")
     tag = _decode(tags[-1]).strip() if tags else ""
     return MessageHeaders(subject=subject, message_id=message_id or None, tag=tag or None)
+
+
+def complete_submission(message: bytes, *, hostname: str, timestamp: float) -> tuple[bytes, MessageHeaders]:
+    """``message`` with the Date and Message-ID fields it lacks added, and its headers (`parse_headers`).
+
+    RFC 5322 §3.6 requires both fields; a submission server may add them when missing (RFC 6409 §8.2,
+    §8.3; RFC 5321 §6.4), which is what a bare ``EmailMessage`` sent with smtplib needs. Date is
+    ``timestamp`` (the time of acceptance), Message-ID is new on ``hostname`` and is the message id
+    returned. The header section is read once, for this and for `parse_headers` alike.
+
+    A field is added only where there is none at all. A field that is present but empty or garbled is
+    left as it is (Message-ID then records as None, as Postal's parse does): adding a second one would
+    break RFC 5322 §3.6's "at most one" and leave receivers to pick, and replacing the sender's field
+    would change content the sender wrote (and may have signed itself). The fields go at the end of
+    the header section, as Postfix's cleanup adds them, so the trace fields (our Received) stay one
+    block at the top (RFC 5322 §3.6: trace fields are kept in blocks prepended to the message). Line
+    ends follow the message's first one: CRLF from SMTP, possibly bare LF from the send API.
+    """
+    section = header_section(message)
+    fields = read_fields(section, _WANTED)
+    headers = _message_headers(fields)
+    added: list[bytes] = []
+    if b"date" not in fields:
+        added.append(b"Date: " + format_date(timestamp).encode("ascii"))
+    if b"message-id" not in fields:
+        message_id = new_message_id(hostname)
+        added.append(b"Message-ID: <" + message_id.encode("utf-8") + b">")
+        headers = attrs.evolve(headers, message_id=message_id)
+    if not added:
+        return message, headers
+    # A message that starts with its blank line has an empty section; look at that line's end then.
+    probe = section or message[:2]
+    newline = probe.find(b"\n")
+    eol = b"\n" if newline >= 0 and probe[newline - 1 : newline] != b"\r" else b"\r\n"
+    end = len(section)
+    if section and not section.endswith(b"\n"):
+        added.insert(0, b"")  # a header-only message whose last line has no line end: end it first
+    return message[:end] + eol.join(added) + eol + message[end:], headers
 
 
 async def headers_authenticated(
@@ -133,11 +178,15 @@ class Acceptor:
         *,
         default_pool: str = "default",
         timeout: float = 30.0,
+        hostname: str = "localhost",
     ) -> None:
+        """``hostname`` (``[general] hostname``) is the domain of the Message-IDs submissions lacking
+        one get (`complete_submission`)."""
         self.queue = queue
         self.clock = clock
         self.default_pool = default_pool
         self.timeout = timeout
+        self.hostname = hostname
 
     async def accept(
         self,
@@ -157,6 +206,12 @@ class Acceptor:
         delivery service holds such messages rather than delivering them; a server in development mode
         holds with Postal's reason when the caller gave none. ``tag`` defaults to the message's
         ``X-Postal-Tag`` field, as in Postal. Raises `ServerSuspended` or `RedisUnavailable`.
+
+        Every way in submits through here, so an outgoing message (a submission) lacking Date or
+        Message-ID gets them here, before anything stores or signs it (`complete_submission`); its
+        recorded Message-ID (queue and ``message.queued`` event) is then the added one, as returned in
+        each `AcceptedMessage`. Incoming mail is relayed as it came (RFC 5321 §6.4: only an originating
+        or submission server may add them).
         """
         if server.suspended:
             raise ServerSuspended(server)
@@ -164,7 +219,11 @@ class Acceptor:
             raise ValueError("a message needs at least one recipient")
         if not hold_reason and server.mode is ServerMode.DEVELOPMENT:
             hold_reason = DEVELOPMENT_MODE_HOLD
-        headers = parse_headers(message)
+        now = self.clock.seconds()
+        if scope == Scope.OUTGOING.value:
+            message, headers = complete_submission(message, hostname=self.hostname, timestamp=now)
+        else:
+            headers = parse_headers(message)
         if tag is None:
             tag = headers.tag
         fields: dict[str, str] = {}
@@ -193,7 +252,7 @@ class Acceptor:
             )
             for rcpt in rcpt_to
         ]
-        d = self.queue.enqueue(message, new, self.clock.seconds())
+        d = self.queue.enqueue(message, new, now)
         d.addTimeout(self.timeout, self.clock)
         try:
             ids = await d
@@ -202,5 +261,6 @@ class Acceptor:
         # No log line here: the SMTP server logs each message with its reply (ids included) and the HTTP
         # site each request; a third line per message costs the send API a twentieth of its CPU.
         return [
-            AcceptedMessage(id=i, token=m.token, rcpt_to=m.rcpt_to) for i, m in zip(ids, new, strict=True)
+            AcceptedMessage(id=i, token=m.token, rcpt_to=m.rcpt_to, message_id=headers.message_id)
+            for i, m in zip(ids, new, strict=True)
         ]

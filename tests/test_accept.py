@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
@@ -15,12 +16,14 @@ from mtad.accept import (
     TOKEN_LENGTH,
     Acceptor,
     ServerSuspended,
+    complete_submission,
     header_section,
     headers_authenticated,
     new_token,
     parse_headers,
 )
 from mtad.events.recorder import parse_queued
+from mtad.mail.compose import format_date
 from mtad.queue.client import RedisClient
 from mtad.queue.events import parse_entry
 from mtad.queue.model import Event, RedisUnavailable
@@ -35,9 +38,17 @@ MESSAGE = (
     b"From: Sender <sender@example.test>\r\n"
     b"Subject: =?UTF-8?B?8J+OiSBHcsO8w59l?= =?utf-8?q?_aus_K=C3=B6ln?=\r\n"
     b"Message-ID:  <unique.1@example.test> \r\n"
+    b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
     b"\r\n"
     b"Hello \xf0\x9f\x98\x80\r\n"
 )
+#: What Python's smtplib ``send_message`` sends for a bare ``EmailMessage``: no Date, no Message-ID.
+BARE = (
+    b"Received: from client.test ([192.0.2.1])\r\n\tby mx.test with ESMTPSA id abc; date\r\n"
+    b"From: sender@example.test\r\nTo: a@x.test\r\nSubject: bare\r\n\r\nHello\r\n"
+)
+DATE_FIELD = b"Date: " + format_date(NOW).encode()
+MESSAGE_ID_FIELD = rb"Message-ID: <[0-9a-f-]{36}@mx\.mtad\.test>"
 
 
 def make_server(**changes: Any) -> Server:
@@ -115,6 +126,81 @@ class HeaderTests(SynchronousTestCase):
         self.assertIsNone(headers.message_id)
 
 
+class CompleteSubmissionTests(SynchronousTestCase):
+    def complete(self, message: bytes) -> tuple[bytes, str | None]:
+        completed, headers = complete_submission(message, hostname="mx.mtad.test", timestamp=NOW)
+        return completed, headers.message_id
+
+    def test_both_added_after_the_header_fields(self) -> None:
+        """Missing Date and Message-ID are added at the end of the header section (the trace block stays
+        on top), Date the accept time, Message-ID new on the hostname and returned without brackets."""
+        completed, message_id = self.complete(BARE)
+        head, body = completed.split(b"\r\n\r\n", 1)
+        self.assertEqual(body, b"Hello\r\n")
+        self.assertTrue(completed.startswith(BARE.split(b"\r\n\r\n")[0] + b"\r\n" + DATE_FIELD + b"\r\n"))
+        self.assertRegex(head.split(b"\r\n")[-1], b"^" + MESSAGE_ID_FIELD + b"$")
+        assert message_id is not None
+        self.assertIn(f"<{message_id}>".encode(), head)
+        self.assertEqual(parse_headers(completed).message_id, message_id)
+        self.assertNotEqual(self.complete(BARE)[1], message_id)
+
+    def test_only_the_missing_one_added(self) -> None:
+        """A message with Message-ID but no Date gets only Date, and the other way round."""
+        with_id = BARE.replace(b"Subject: bare\r\n", b"Subject: bare\r\nMessage-ID: <own@x.test>\r\n")
+        completed, message_id = self.complete(with_id)
+        self.assertEqual(message_id, "own@x.test")
+        self.assertEqual(completed, with_id.replace(b"\r\n\r\n", b"\r\n" + DATE_FIELD + b"\r\n\r\n", 1))
+        with_date = BARE.replace(
+            b"Subject: bare\r\n", b"Subject: bare\r\ndate: Mon, 1 Jan 2024 0:0 +0000\r\n"
+        )
+        completed, message_id = self.complete(with_date)
+        self.assertNotIn(DATE_FIELD, completed)
+        self.assertEqual(completed.count(b"ate: "), 1)
+        self.assertRegex(completed, MESSAGE_ID_FIELD + b"\r\n\r\nHello\r\n$")
+
+    def test_present_fields_kept_byte_identical(self) -> None:
+        """A message with both fields comes back as the very same bytes."""
+        completed, message_id = self.complete(MESSAGE)
+        self.assertIs(completed, MESSAGE)
+        self.assertEqual(message_id, "unique.1@example.test")
+
+    def test_present_but_empty_or_garbled_left_alone(self) -> None:
+        """An empty or unparsable Date or Message-ID counts as present: nothing is added or replaced (no
+        second field), and the garbled Message-ID records as None."""
+        for fields in (b"Date:\r\nMessage-ID:\r\n", b"Date: someday\r\nMessage-ID: <<<\r\n"):
+            message = b"From: a@b.test\r\n" + fields + b"\r\nbody\r\n"
+            self.assertEqual(self.complete(message), (message, None))
+
+    def test_bare_lf_message(self) -> None:
+        """A message with bare LF line ends gets its fields with bare LF too."""
+        completed, _ = self.complete(b"From: a@b.test\nSubject: s\n\nline 1\nline 2\n")
+        self.assertNotIn(b"\r", completed)
+        head, body = completed.split(b"\n\n", 1)
+        self.assertEqual(body, b"line 1\nline 2\n")
+        lines = head.split(b"\n")
+        self.assertEqual(lines[:3], [b"From: a@b.test", b"Subject: s", DATE_FIELD])
+        self.assertRegex(lines[3], b"^" + MESSAGE_ID_FIELD + b"$")
+
+    def test_header_only_messages(self) -> None:
+        """A message of header fields alone (no blank line, with or without a last line end) gets the
+        fields after its own, each on a line of its own."""
+        for message in (b"From: a@b.test\r\nSubject: s\r\n", b"From: a@b.test\r\nSubject: s"):
+            completed, _ = self.complete(message)
+            lines = completed.split(b"\r\n")
+            self.assertEqual(lines[:3], [b"From: a@b.test", b"Subject: s", DATE_FIELD])
+            self.assertRegex(lines[3], b"^" + MESSAGE_ID_FIELD + b"$")
+            self.assertEqual(lines[4:], [b""])
+
+    def test_no_header_section(self) -> None:
+        """A message that starts with its blank line, or is empty, gets a header section of the two."""
+        completed, _ = self.complete(b"\r\nbody\r\n")
+        self.assertRegex(
+            completed, b"^" + re.escape(DATE_FIELD) + b"\r\n" + MESSAGE_ID_FIELD + b"\r\n\r\nbody\r\n$"
+        )
+        completed, _ = self.complete(b"")
+        self.assertRegex(completed, b"^" + re.escape(DATE_FIELD) + b"\r\n" + MESSAGE_ID_FIELD + b"\r\n$")
+
+
 class TokenTests(SynchronousTestCase):
     def test_tokens_use_the_whole_alphabet_everywhere(self) -> None:
         """Every position of a token draws from all 62 characters (a mistake in the base conversion would
@@ -161,7 +247,9 @@ class AcceptTests(RedisTestCase):
         self.clock = Clock()
         self.clock.advance(NOW)
         self.queue = RedisQueue(self.redis, self.keys)
-        self.acceptor = Acceptor(self.queue, self.clock, default_pool="main", timeout=5.0)
+        self.acceptor = Acceptor(
+            self.queue, self.clock, default_pool="main", timeout=5.0, hostname="mx.mtad.test"
+        )
 
     async def events(self) -> list[Event]:
         entries = await self.redis.execute("XRANGE", self.keys.events, "-", "+")
@@ -225,13 +313,39 @@ class AcceptTests(RedisTestCase):
     async def test_tag_from_header(self) -> None:
         """Without a tag from the caller, the X-Postal-Tag field tags the message."""
         (m,) = await self.acceptor.accept(
-            make_server(), "outgoing", "s@x.test", ["a@x.test"], b"X-Postal-Tag: news\r\n\r\nhi\r\n"
+            make_server(), "incoming", "s@x.test", ["a@x.test"], b"X-Postal-Tag: news\r\n\r\nhi\r\n"
         )
         self.assertEqual((await self.queue.message_fields(m.id))["tag"], "news")
         (event,) = await self.events()
         self.assertEqual(event.data["tag"], "news")
         self.assertIsNone(event.data["subject"])
         self.assertIsNone(event.data["message_id"])
+
+    async def test_submission_gets_date_and_message_id(self) -> None:
+        """An outgoing message without Date and Message-ID is stored with both, and the added Message-ID
+        is the one in the queue entry, the message.queued event and the result."""
+        accepted = await self.acceptor.accept(
+            make_server(), "outgoing", "s@x.test", ["a@x.test", "b@x.test"], BARE
+        )
+        fields = await self.queue.message_fields(accepted[0].id)
+        stored: bytes = await self.redis.execute("HGET", fields["body"], "data")
+        self.assertIn(b"\r\n" + DATE_FIELD + b"\r\n", stored)
+        message_id = parse_headers(stored).message_id
+        assert message_id is not None
+        self.assertRegex(f"<{message_id}>".encode(), MESSAGE_ID_FIELD[len(b"Message-ID: ") :])
+        self.assertEqual([m.message_id for m in accepted], [message_id, message_id])
+        self.assertEqual(fields["message_id"], message_id)
+        events = await self.events()
+        self.assertEqual([e.data["message_id"] for e in events], [message_id, message_id])
+        self.assertEqual([parse_queued(e).size for e in events], [len(stored)] * 2)
+
+    async def test_incoming_mail_not_completed(self) -> None:
+        """Incoming mail is stored as it came, without fields added (RFC 5321 §6.4)."""
+        (m,) = await self.acceptor.accept(make_server(), "incoming", "s@x.test", ["a@x.test"], BARE)
+        fields = await self.queue.message_fields(m.id)
+        self.assertEqual(await self.redis.execute("HGET", fields["body"], "data"), BARE)
+        self.assertNotIn("message_id", fields)
+        self.assertIsNone(m.message_id)
 
     async def test_development_mode_sets_hold_reason(self) -> None:
         """A server in development mode queues its messages with Postal's hold reason."""

@@ -85,6 +85,7 @@ RAW_MESSAGE = (
     b"To: test1@example.com\r\n"
     b"Subject: test\r\n"
     b"Message-ID: <raw.1@example.test>\r\n"
+    b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
     b"X-Postal-Tag: raw-tag\r\n"
     b"MIME-Version: 1.0\r\n"
     b'Content-Type: multipart/alternative; boundary="b1"\r\n'
@@ -342,6 +343,60 @@ class TransportTests(LegacyAPITestCase):
         """A form field ``params`` holding JSON is the parameters (Moonrope's convention)."""
         envelope = await self.request(SEND, key=self.key, data={"params": json.dumps(send_params())})
         await self.assertSent(envelope)
+
+    async def test_form_fields(self) -> None:
+        """Plain form fields send a message as Rails reads them: UTF-8 subject, ``to`` given once, lists
+        as ``cc[]``, ``headers[X-Foo]``, ``attachments[][name]``, a "true" flag; with PUT as with POST."""
+        fields = [
+            ("to", "Jane <test@example.com>"),
+            ("cc[]", "cc@example.com"),
+            ("cc[]", "cc2@example.com"),
+            ("from", "Test <test@example.test>"),
+            ("subject", "Grüße aus Köln 🎉"),
+            ("plain_body", "Grüße"),
+            ("headers[X-Foo]", "bär"),
+            ("attachments[][name]", "a.txt"),
+            ("attachments[][content_type]", "text/plain"),
+            ("attachments[][data]", b64("first")),
+            ("attachments[][name]", "b.txt"),
+            ("attachments[][data]", b64("second")),
+            ("bounce", "true"),
+        ]
+        for method in ("POST", "PUT"):
+            envelope = await self.request(SEND, method=method, key=self.key, data=fields)
+            self.assertEqual(envelope["status"], "success", envelope)
+            messages = envelope["data"]["messages"]
+            self.assertEqual(list(messages), ["test@example.com", "cc@example.com", "cc2@example.com"])
+            id = messages["test@example.com"]["id"]
+            self.assertEqual((await self.queue.message_fields(id))["mail_from"], "")
+            parsed = parse(await self.body_of(id))
+            self.assertEqual(parsed["Subject"], "Grüße aus Köln 🎉")
+            self.assertEqual(parsed["X-Foo"], "bär")
+            self.assertEqual(parsed["To"].addresses[0].display_name, "Jane")
+            self.assertEqual(
+                [(a.get_filename(), a.get_payload(decode=True)) for a in parsed.iter_attachments()],
+                [("a.txt", b"first"), ("b.txt", b"second")],
+            )
+
+    async def test_query_fields(self) -> None:
+        """Plain query fields are parameters too, here ``id`` and one expansion with GET."""
+        envelope = await self.request(
+            MESSAGE, method="GET", key=self.key, params={"id": "99", "_expansions[]": "status"}
+        )
+        self.assertError(envelope, "MessageNotFound")
+        self.assertEqual(envelope["data"]["id"], "99")
+
+    async def test_form_field_not_utf8(self) -> None:
+        """A form or query field whose percent-escapes are not UTF-8 is a parameter error naming it."""
+        envelope = await self.request(
+            SEND,
+            key=self.key,
+            data=b"to=test%40example.com&subject=%C3%28",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertEqual(envelope["data"], {"message": "`subject` parameter is not valid UTF-8"})
+        envelope = await self.request(MESSAGE + "?id=%FF", method="GET", key=self.key)
+        self.assertEqual(envelope["data"], {"message": "`id` parameter is not valid UTF-8"})
 
     async def test_query_string(self) -> None:
         """A query-string ``params`` holding JSON is the parameters, here with GET."""
@@ -853,16 +908,33 @@ class SendRawTests(LegacyAPITestCase):
             self.assertEqual(fields["tag"], "raw-tag")
             self.assertEqual(await self.body_of(entry["id"]), RAW_MESSAGE)
 
+    async def test_date_and_message_id_added(self) -> None:
+        """A raw message without Date and Message-ID is queued with both (the Date the accept time, the
+        Message-ID on the installation's hostname), and messages/message reports the added Message-ID."""
+        self.use(self.make_api(acceptor=Acceptor(self.queue, self.clock, hostname=HOSTNAME)))
+        bare = b"From: test@example.test\r\nTo: a@example.com\r\nSubject: bare\r\n\r\nHello\r\n"
+        envelope = await self.call(RAW, raw_params(rcpt_to=["a@example.com"], data=b64(bare)))
+        self.assertEqual(envelope["status"], "success", envelope)
+        id = envelope["data"]["messages"]["a@example.com"]["id"]
+        head, body = (await self.body_of(id)).split(b"\r\n\r\n", 1)
+        self.assertEqual(body, b"Hello\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[:4], [*bare.split(b"\r\n")[:3], b"Date: Tue, 14 Nov 2023 22:13:20 +0000"])
+        self.assertRegex(lines[4], rb"^Message-ID: <[0-9a-f-]{36}@mx\.mtad\.test>$")
+        details = (await self.call(MESSAGE, {"id": id, "_expansions": ["details"]}))["data"]["details"]
+        self.assertEqual(f"Message-ID: <{details['message_id']}>".encode(), lines[4])
+
     async def test_params_field(self) -> None:
         """send/raw takes its parameters from a ``params`` form field too (Postal's spec)."""
         envelope = await self.request(RAW, key=self.key, data={"params": json.dumps(raw_params())})
         self.assertEqual(list(envelope["data"]["messages"]), ["test1@example.com", "test2@example.com"])
 
     async def test_missing_parameters(self) -> None:
-        """rcpt_to (an array), mail_from and data are required, with Postal's texts, in that order."""
+        """rcpt_to (an array or a string), mail_from and data are required, with Postal's texts, in that
+        order."""
         cases = [
             ({"rcpt_to": None}, "rcpt_to"),
-            ({"rcpt_to": "test1@example.com"}, "rcpt_to"),
+            ({"rcpt_to": {"to": "test1@example.com"}}, "rcpt_to"),
             ({"mail_from": ""}, "mail_from"),
             ({"mail_from": None, "data": None}, "mail_from"),
             ({"data": None}, "data"),
@@ -872,6 +944,12 @@ class SendRawTests(LegacyAPITestCase):
             envelope = await self.call(RAW, raw_params(**changes))
             self.assertEqual(envelope["data"]["message"], f"`{name}` parameter is required but is missing")
             self.assertEqual(envelope["status"], "parameter-error")
+
+    async def test_rcpt_to_string(self) -> None:
+        """A string rcpt_to is its comma-separated addresses (Postal wants an array and calls a string
+        missing; a form field given once is a string)."""
+        envelope = await self.call(RAW, raw_params(rcpt_to="a@example.com, b@example.com"))
+        self.assertEqual(list(envelope["data"]["messages"]), ["a@example.com", "b@example.com"])
 
     async def test_no_recipients(self) -> None:
         """An empty rcpt_to is success with no messages and a null message_id (Postal's answer)."""
@@ -1194,9 +1272,9 @@ class MessagesTests(LegacyAPITestCase):
         )
 
     async def test_unknown_expansions_ignored(self) -> None:
-        """Unknown expansion names and non-list values ask for nothing more."""
+        """Unknown expansion names and values other than true, a name or a list ask for nothing more."""
         self.record(7)
-        for expansions in (["nope"], "status", False, None):
+        for expansions in (["nope"], "nope", "false", 0, False, None, {"a": "status"}):
             self.assertEqual(
                 (await self.call(MESSAGE, {"id": 7, "_expansions": expansions}))["data"],
                 {"id": 7, "token": "token7"},

@@ -398,7 +398,8 @@ class PostalClientTests(unittest.TestCase):
         self.addCleanup(client.close)
         raw = (
             b"From: Raw <app@sender.test>\r\nTo: alice@example.com\r\nSubject: Raw via postal-py\r\n"
-            b"Message-ID: <raw-1@sender.test>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+            b"Message-ID: <raw-1@sender.test>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
             b"Raw body.\r\n"
         )
         request = RequestRawMessageSchema(

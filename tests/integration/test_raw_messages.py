@@ -21,7 +21,7 @@ from tests.store.support import MYSQL, POSTGRES, SQLITE, fresh_database_url
 #: A message over a megabyte (far over MySQL's 64 KiB BLOB), with non-ASCII octets in its body.
 RAW = (
     b"From: App <app@sender.test>\r\nTo: alice@example.com\r\nSubject: big\r\n"
-    b"Message-ID: <big.1@sender.test>\r\nMIME-Version: 1.0\r\n"
+    b"Message-ID: <big.1@sender.test>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
     + "Grüße 👋 ".encode() * 8
     + b"\r\n"
