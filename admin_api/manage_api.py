@@ -1,10 +1,10 @@
-"""``/api/v2``: mtad's own management API, for one server at a time; held messages so far.
+"""``/api/v2``: mtad's own management API, for one server at a time: held messages and webhooks.
 
 Unlike ``/api/v1`` this API owes nothing to Postal's wire format, so it speaks plain HTTP: JSON in and out,
-and the status code says what happened: 200 done; 400 bad input, with an error naming the field; 401 no
-or an unknown API key; 403 the server is suspended; 404 no such (held) message of this server; 503 Redis
-or the database did not answer (nothing was done, or, in bulk, the error lists the ids done in
-``completed``). Every error body is ``{"error": {"code": ..., "message": ..., "field": ...}}``.
+and the status code says what happened: 200 done; 201 created; 400 bad input, with an error naming the
+field; 401 no or an unknown API key; 403 the server is suspended; 404 no such (held) message or webhook of
+this server; 503 Redis or the database did not answer (nothing was done, or, in bulk, the error lists the
+ids done in ``completed``). Every error body is ``{"error": {"code": ..., "message": ..., "field": ...}}``.
 ``GET /api/v2/openapi.json`` serves the OpenAPI document (`admin_api.manage_openapi`), which a test keeps
 equal to the routes served here.
 
@@ -17,6 +17,9 @@ Held messages are listed from SQL (status ``Held`` as the recorder wrote it, so 
 ago may not be listed yet) and released or cancelled in Redis (`mtad.outbound.held_actions`), where the
 hold lives: a message listed as held may have been released, cancelled or expired since, and is then
 reported as not held.
+
+Webhooks (`mtad.store.webhooks`) are the server's own; a webhook is named in paths by its id or its uuid.
+Their request log is read newest first in pages: each page's ``next_before`` is the ``before`` of the next.
 """
 
 from __future__ import annotations
@@ -52,10 +55,13 @@ from mtad.outbound.held_actions import (
 )
 from mtad.queue.model import RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
+from mtad.store import webhooks as webhook_store
 from mtad.store.credentials import Credential, touch_credential
 from mtad.store.db import Database
+from mtad.store.db import NotFound as StoreNotFound
 from mtad.store.messages import HeldFilter, Message, held_message_ids, list_held_messages
 from mtad.store.servers import Server
+from mtad.store.webhooks import Webhook, WebhookError, WebhookRequest
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -76,7 +82,11 @@ FILTERS = ("rcpt_to", "mail_from", "before")
 #: A credential's last use is written at most this often.
 TOUCH_SECONDS = 60.0
 
+#: The fields of a webhook in ``POST /api/v2/webhooks`` and ``PATCH /api/v2/webhooks/{id}``.
+WEBHOOK_FIELDS = ("url", "name", "events", "enabled")
+
 _DIGITS = re.compile(r"[0-9]{1,19}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _ROUTE_PARAMETER = re.compile(r"<(?:[a-z_]+:)?([a-z_]+)>")
 
 
@@ -105,6 +115,10 @@ def not_held(message_id: int) -> ManageError:
 
 def queue_unavailable(**extra: Any) -> ManageError:
     return ManageError(503, "QueueUnavailable", "The queue (Redis) did not answer; try again later", **extra)
+
+
+def webhook_not_found(ref: str) -> ManageError:
+    return ManageError(404, "WebhookNotFound", f"the server has no webhook {ref}")
 
 
 def database_unavailable() -> ManageError:
@@ -175,12 +189,12 @@ class ListQuery:
     limit: int
 
 
-def parse_list_query(server: Server, args: Mapping[bytes, list[bytes]]) -> ListQuery:
-    """The query of ``GET /api/v2/held``: each known parameter at most once, no unknown ones."""
+def query_parameters(args: Mapping[bytes, list[bytes]], known: tuple[str, ...]) -> dict[str, str]:
+    """A query's parameters: each of ``known`` at most once, no others."""
     given: dict[str, str] = {}
     for raw_name, values in args.items():
         name = raw_name.decode("utf-8", "replace")
-        if name not in (*FILTERS, "limit"):
+        if name not in known:
             raise bad_input(name, f"unknown query parameter `{name}`")
         if len(values) != 1:
             raise bad_input(name, f"`{name}` given {len(values)} times")
@@ -188,13 +202,107 @@ def parse_list_query(server: Server, args: Mapping[bytes, list[bytes]]) -> ListQ
             given[name] = values[0].decode("utf-8")
         except UnicodeDecodeError:
             raise bad_input(name, f"`{name}` is not UTF-8") from None
-    limit = DEFAULT_LIMIT
-    if "limit" in given:
-        text = given.pop("limit")
-        if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_LIMIT:
-            raise bad_input("limit", f"`limit` must be an integer from 1 to {MAX_LIMIT}")
-        limit = int(text)
+    return given
+
+
+def parse_limit(given: dict[str, str]) -> int:
+    """The ``limit`` of a list (removed from ``given``): 1 to `MAX_LIMIT`, `DEFAULT_LIMIT` if absent."""
+    if "limit" not in given:
+        return DEFAULT_LIMIT
+    text = given.pop("limit")
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_LIMIT:
+        raise bad_input("limit", f"`limit` must be an integer from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+def parse_list_query(server: Server, args: Mapping[bytes, list[bytes]]) -> ListQuery:
+    """The query of ``GET /api/v2/held``: each known parameter at most once, no unknown ones."""
+    given = query_parameters(args, (*FILTERS, "limit"))
+    limit = parse_limit(given)
     return ListQuery(where=held_filter(server, given), limit=limit)
+
+
+@attrs.frozen
+class RequestLogQuery:
+    uuid: str | None
+    before_id: int | None
+    limit: int
+
+
+def parse_request_log_query(args: Mapping[bytes, list[bytes]]) -> RequestLogQuery:
+    """The query of the webhook request log: ``limit``, ``before`` (a request id) and ``uuid``."""
+    given = query_parameters(args, ("limit", "before", "uuid"))
+    limit = parse_limit(given)
+    before_id = None
+    if "before" in given:
+        text = given["before"]
+        if not _DIGITS.fullmatch(text) or not 0 < int(text) <= MAX_ID:
+            raise bad_input("before", "`before` must be a request id (a positive integer)")
+        before_id = int(text)
+    uuid = given.get("uuid")
+    if uuid is not None and not uuid.strip():
+        raise bad_input("uuid", "`uuid` must not be empty")
+    return RequestLogQuery(uuid=None if uuid is None else uuid.strip(), before_id=before_id, limit=limit)
+
+
+def webhook_reference(id: str) -> dict[str, Any]:
+    """How a path names a webhook: ``{"id": 5}`` or ``{"uuid": ...}``, as `find_webhook` takes it."""
+    if _DIGITS.fullmatch(id) and 0 < int(id) <= MAX_ID:
+        return {"id": int(id)}
+    if _UUID.fullmatch(id):
+        return {"uuid": id.lower()}
+    raise bad_input("id", "`id` must be a webhook's id (a positive integer) or its uuid")
+
+
+def _json_body(body: bytes, shape: str) -> dict[str, Any]:
+    """The JSON object in ``body``; 400 InvalidJSON if it is not JSON, or (saying ``shape``) no object."""
+    try:
+        given = json.loads(body) if body.strip() else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManageError(400, "InvalidJSON", f"The body is not valid JSON: {e}") from None
+    if not isinstance(given, dict):
+        raise ManageError(400, "InvalidJSON", shape)
+    return given
+
+
+@attrs.frozen
+class WebhookInput:
+    """The fields of a webhook request body; those not given are `webhook_store.KEEP` (or None)."""
+
+    url: str | None
+    name: str | None
+    events: list[str] | webhook_store.Keep | None
+    enabled: bool | None
+
+
+def parse_webhook_input(body: bytes, *, create: bool) -> WebhookInput:
+    """A webhook body: ``url`` (required to create), ``name``, ``events`` (an array of event names, or
+    null for all; absent is all to create, unchanged to update), ``enabled``; nothing else."""
+    given = _json_body(body, 'The body must be a JSON object: {"url": ..., "events": [...], ...}')
+    for field in given:
+        if field not in WEBHOOK_FIELDS:
+            raise bad_input(field, f"unknown field `{field}`; a webhook has {', '.join(WEBHOOK_FIELDS)}")
+    if not create and not given:
+        raise bad_input(None, f"nothing to change: give any of {', '.join(WEBHOOK_FIELDS)}")
+    url = given.get("url")
+    if create and url is None:
+        raise bad_input("url", "`url` is required: the http or https URL to POST events to")
+    if "url" in given and not isinstance(url, str):
+        raise bad_input("url", "`url` must be a string: an http or https URL")
+    name = given.get("name")
+    if name is not None and not isinstance(name, str):
+        raise bad_input("name", "`name` must be a string")
+    if not create and "name" in given and name is None:
+        raise bad_input("name", "`name` must be a string")
+    events: list[str] | webhook_store.Keep | None = None if create else webhook_store.KEEP
+    if "events" in given:
+        events = given["events"]
+        if events is not None and not isinstance(events, list):
+            raise bad_input("events", "`events` must be an array of event names, or null for all events")
+    enabled = given.get("enabled")
+    if "enabled" in given and not isinstance(enabled, bool):
+        raise bad_input("enabled", "`enabled` must be true or false")
+    return WebhookInput(url=url, name=name, events=events, enabled=enabled)
 
 
 @attrs.frozen
@@ -209,14 +317,7 @@ class Selection:
 def parse_selection(server: Server, body: bytes) -> Selection:
     """The body of a bulk request: ``{"ids": [...]}``, filters (``rcpt_to``, ``mail_from``, ``before``),
     ``{"all": true}`` (with or without filters); never ids together with filters or ``all``."""
-    try:
-        given = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ManageError(400, "InvalidJSON", f"The body is not valid JSON: {e}") from None
-    if not isinstance(given, dict):
-        raise ManageError(
-            400, "InvalidJSON", 'The body must be a JSON object: {"ids": [...]}, filters or {"all": true}'
-        )
+    given = _json_body(body, 'The body must be a JSON object: {"ids": [...]}, filters or {"all": true}')
     for name in given:
         if name not in ("ids", "all", *FILTERS):
             raise bad_input(name, f"unknown field `{name}`")
@@ -264,6 +365,111 @@ def held_data(message: Message) -> dict[str, Any]:
         "held_at": message.last_delivery_attempt,
         "hold_expiry": message.hold_expiry,
     }
+
+
+def webhook_data(webhook: Webhook) -> dict[str, Any]:
+    """A webhook as the API gives it; ``events`` is null for all events; times are Unix seconds."""
+    return {
+        "id": webhook.id,
+        "uuid": webhook.uuid,
+        "name": webhook.name,
+        "url": webhook.url,
+        "enabled": webhook.enabled,
+        "all_events": webhook.all_events,
+        "events": None
+        if webhook.all_events
+        else [e for e in webhook_store.WEBHOOK_EVENTS if e in webhook.events],
+        "created_at": webhook.created_at,
+        "updated_at": webhook.updated_at,
+        "last_used_at": webhook.last_used_at,
+    }
+
+
+def webhook_request_data(request: WebhookRequest) -> dict[str, Any]:
+    """One logged attempt as the API gives it; ``payload`` is the JSON body sent, as sent (a string)."""
+    return {
+        "id": request.id,
+        "uuid": request.uuid,
+        "webhook_id": request.webhook_id,
+        "event": request.event,
+        "url": request.url,
+        "attempt": request.attempt,
+        "timestamp": request.timestamp,
+        "status_code": request.status_code,
+        "duration": request.duration,
+        "response": request.response,
+        "payload": request.payload,
+        "will_retry": request.will_retry,
+        "error": request.error,
+    }
+
+
+def _request_page(found: list[WebhookRequest], limit: int) -> dict[str, Any]:
+    page = found[:limit]
+    more = len(found) > limit
+    return {
+        "requests": [webhook_request_data(r) for r in page],
+        "more": more,
+        "next_before": page[-1].id if more else None,
+    }
+
+
+def _webhook_requests(
+    conn: Connection, server_id: int, reference: dict[str, Any] | None, query: RequestLogQuery
+) -> list[WebhookRequest] | None:
+    """The log page of the server (or of its webhook named by ``reference``); None if no such webhook."""
+    webhook_id = None
+    if reference is not None:
+        webhook = webhook_store.find_webhook(conn, server_id=server_id, **reference)
+        if webhook is None:
+            return None
+        webhook_id = webhook.id
+    return webhook_store.list_webhook_requests(
+        conn,
+        server_id,
+        webhook_id=webhook_id,
+        uuid=query.uuid,
+        before_id=query.before_id,
+        limit=query.limit + 1,
+    )
+
+
+def _find_webhook_id(conn: Connection, server_id: int, reference: dict[str, Any]) -> int | None:
+    webhook = webhook_store.find_webhook(conn, server_id=server_id, **reference)
+    return None if webhook is None else webhook.id
+
+
+def _update_webhook(
+    conn: Connection, server_id: int, reference: dict[str, Any], changes: WebhookInput, now: float
+) -> Webhook | None:
+    """The webhook named by ``reference`` changed, or None if the server has no such webhook."""
+    webhook_id = _find_webhook_id(conn, server_id, reference)
+    if webhook_id is None:
+        return None
+    try:
+        return webhook_store.update_webhook(
+            conn,
+            webhook_id,
+            now,
+            server_id=server_id,
+            name=changes.name,
+            url=changes.url,
+            enabled=changes.enabled,
+            events=changes.events,
+        )
+    except StoreNotFound:  # deleted a moment ago
+        return None
+
+
+def _remove_webhook(conn: Connection, server_id: int, reference: dict[str, Any]) -> Webhook | None:
+    """The webhook named by ``reference``, deleted; None if the server has no such webhook."""
+    webhook_id = _find_webhook_id(conn, server_id, reference)
+    if webhook_id is None:
+        return None
+    try:
+        return webhook_store.remove_webhook(conn, webhook_id, server_id)
+    except StoreNotFound:  # deleted a moment ago
+        return None
 
 
 def route_paths(app: Klein) -> dict[str, set[str]]:
@@ -336,6 +542,36 @@ class ManageAPI:
             request, lambda server: self.act_on_selection(server, HeldAction.CANCEL, _body(request))
         )
 
+    @app.route("/api/v2/webhooks", methods=["GET"])
+    async def list_webhooks_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.list_webhooks)
+
+    @app.route("/api/v2/webhooks", methods=["POST"])
+    async def add_webhook_route(self, request: IRequest) -> bytes:
+        return await self._respond(
+            request, lambda server: self.add_webhook(server, request, _body(request)), status=201
+        )
+
+    @app.route("/api/v2/webhooks/<id>", methods=["GET"])
+    async def get_webhook_route(self, request: IRequest, id: str) -> bytes:
+        return await self._respond(request, lambda server: self.get_webhook(server, id))
+
+    @app.route("/api/v2/webhooks/<id>", methods=["PATCH"])
+    async def update_webhook_route(self, request: IRequest, id: str) -> bytes:
+        return await self._respond(request, lambda server: self.update_webhook(server, id, _body(request)))
+
+    @app.route("/api/v2/webhooks/<id>", methods=["DELETE"])
+    async def remove_webhook_route(self, request: IRequest, id: str) -> bytes:
+        return await self._respond(request, lambda server: self.remove_webhook(server, id))
+
+    @app.route("/api/v2/webhooks/<id>/requests", methods=["GET"])
+    async def webhook_requests_route(self, request: IRequest, id: str) -> bytes:
+        return await self._respond(request, lambda server: self.webhook_requests(server, request.args, id))
+
+    @app.route("/api/v2/webhook-requests", methods=["GET"])
+    async def all_webhook_requests_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, lambda server: self.webhook_requests(server, request.args))
+
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         return self._error(request, ManageError(404, "NotFound", f"no such endpoint: {_path(request)}"))
@@ -404,16 +640,76 @@ class ManageAPI:
             raise queue_unavailable(requested=len(ids), completed=list(e.done)) from None
         return {"requested": len(ids), action.value: len(outcome.done), "not_held": list(outcome.not_held)}
 
+    async def list_webhooks(self, server: Server) -> dict[str, Any]:
+        """The server's webhooks, oldest first."""
+        found = await self._db(webhook_store.list_webhooks, server.id)
+        return {"webhooks": [webhook_data(w) for w in found]}
+
+    async def add_webhook(self, server: Server, request: IRequest, body: bytes) -> dict[str, Any]:
+        """Add a webhook to the server; 201 with it, and its address in Location."""
+        given = parse_webhook_input(body, create=True)
+        assert given.url is not None and not isinstance(given.events, webhook_store.Keep)
+        webhook = await self._db(
+            webhook_store.add_webhook,
+            server.id,
+            given.name,
+            given.url,
+            self.clock.seconds(),
+            events=given.events,
+            enabled=True if given.enabled is None else given.enabled,
+        )
+        request.setHeader(b"location", f"/api/v2/webhooks/{webhook.id}".encode("ascii"))  # type: ignore[no-untyped-call]
+        return webhook_data(webhook)
+
+    async def get_webhook(self, server: Server, id: str) -> dict[str, Any]:
+        webhook = await self._db(webhook_store.find_webhook, server_id=server.id, **webhook_reference(id))
+        if webhook is None:
+            raise webhook_not_found(id)
+        return webhook_data(webhook)
+
+    async def update_webhook(self, server: Server, id: str, body: bytes) -> dict[str, Any]:
+        """Change the settings given in the body; the webhook as it is now."""
+        reference = webhook_reference(id)
+        changes = parse_webhook_input(body, create=False)
+        webhook = await self._db(_update_webhook, server.id, reference, changes, self.clock.seconds())
+        if webhook is None:
+            raise webhook_not_found(id)
+        return webhook_data(webhook)
+
+    async def remove_webhook(self, server: Server, id: str) -> dict[str, Any]:
+        """Delete a webhook; its logged requests stay (without it)."""
+        webhook = await self._db(_remove_webhook, server.id, webhook_reference(id))
+        if webhook is None:
+            raise webhook_not_found(id)
+        return {"id": webhook.id, "uuid": webhook.uuid, "deleted": True}
+
+    async def webhook_requests(
+        self, server: Server, args: Mapping[bytes, list[bytes]], id: str | None = None
+    ) -> dict[str, Any]:
+        """A page of the server's webhook request log (of one webhook, if ``id`` names it), newest
+        first."""
+        reference = None if id is None else webhook_reference(id)
+        query = parse_request_log_query(args)
+        found = await self._db(_webhook_requests, server.id, reference, query)
+        if found is None:
+            assert id is not None
+            raise webhook_not_found(id)
+        return _request_page(found, query.limit)
+
     # -- plumbing -------------------------------------------------------------------------------------
 
-    async def _respond(self, request: IRequest, action: Callable[[Server], Awaitable[Any]]) -> bytes:
-        """Authenticate, run ``action`` for the caller's server and answer its result as JSON (200), or the
-        error it raised with its status."""
+    async def _respond(
+        self, request: IRequest, action: Callable[[Server], Awaitable[Any]], status: int = 200
+    ) -> bytes:
+        """Authenticate, run ``action`` for the caller's server and answer its result as JSON (``status``),
+        or the error it raised with its status."""
         try:
             server = await self._authenticate(request)
             data = await action(server)
         except ManageError as e:
             return self._error(request, e)
+        except WebhookError as e:
+            return self._error(request, bad_input(e.field, e.message))
         except CancelledError:
             # Klein cancels the handler when the client goes away: nobody is left to answer.
             self.log.info(
@@ -429,7 +725,7 @@ class ManageAPI:
                 "An unexpected error occurred and has been logged; the request may not have been completed",
             )
             return self._error(request, error)
-        return _json(request, 200, data)
+        return _json(request, status, data)
 
     def _error(self, request: IRequest, error: ManageError) -> bytes:
         if error.status == 401:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtad.store.webhooks import WEBHOOK_EVENTS
+
 #: Answers every authenticated operation can give besides its own.
 _COMMON_ERRORS: dict[str, Any] = {
     "401": {"$ref": "#/components/responses/Unauthorized"},
@@ -31,6 +33,60 @@ _TIME_DESCRIPTION = (
 
 _ADDRESS_PATTERN_DESCRIPTION = (
     "An address, ignoring case; `*` matches any run of characters (`*@example.com`)."
+)
+
+
+_WEBHOOK_ID: dict[str, Any] = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "The webhook's id or its uuid.",
+    "schema": {
+        "type": "string",
+        "pattern": "^([0-9]{1,19}|[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})$",
+    },
+}
+
+_REQUEST_LOG_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "limit",
+        "in": "query",
+        "description": "At most this many requests.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "before",
+        "in": "query",
+        "description": "The next page: requests older than this one (the previous page's `next_before`).",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    {
+        "name": "uuid",
+        "in": "query",
+        "description": "Only the attempts to send one event to one webhook: the `uuid` of its payload.",
+        "schema": {"type": "string", "minLength": 1},
+    },
+]
+
+_WEBHOOK_ANSWER: dict[str, Any] = {"application/json": {"schema": {"$ref": "#/components/schemas/Webhook"}}}
+
+_REQUEST_PAGE_ANSWER: dict[str, Any] = {
+    "description": "Logged requests, newest first; `more` says whether older ones follow.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/WebhookRequestPage"}}},
+}
+
+_EVENT_NAMES = list(WEBHOOK_EVENTS)
+
+_EVENTS_INPUT: dict[str, Any] = {
+    "type": ["array", "null"],
+    "minItems": 1,
+    "items": {"type": "string", "enum": _EVENT_NAMES},
+    "description": "The events to send it; null for every event.",
+}
+
+_URL_DESCRIPTION = (
+    "An http or https URL with a host, without a user name or password, whitespace or characters outside "
+    "RFC 3986 (percent-encode them)."
 )
 
 
@@ -137,7 +193,14 @@ OPENAPI: dict[str, Any] = {
                 "Messages held instead of delivered (a server in Development mode, a credential made with "
                 "hold). Held messages expire after `delivery.hold_days` (7) as HoldCancelled."
             ),
-        }
+        },
+        {
+            "name": "webhooks",
+            "description": (
+                "URLs the server's events are POSTed to, signed as Postal signs them, and the log of every "
+                "attempt (kept 10 days)."
+            ),
+        },
     ],
     "paths": {
         "/api/v2/openapi.json": {
@@ -225,6 +288,149 @@ OPENAPI: dict[str, Any] = {
         "/api/v2/held/cancel": _many(
             "cancel", "Delete held messages without delivering them (status HoldCancelled)."
         ),
+        "/api/v2/webhooks": {
+            "get": {
+                "operationId": "listWebhooks",
+                "summary": "List webhooks",
+                "description": "The server's webhooks, oldest first.",
+                "tags": ["webhooks"],
+                "responses": {
+                    "200": {
+                        "description": "The webhooks.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["webhooks"],
+                                    "properties": {
+                                        "webhooks": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Webhook"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_COMMON_ERRORS,
+                },
+            },
+            "post": {
+                "operationId": "addWebhook",
+                "summary": "Add a webhook",
+                "description": (
+                    "A webhook for every event unless `events` names some; enabled unless `enabled` is false."
+                ),
+                "tags": ["webhooks"],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewWebhook"}}},
+                },
+                "responses": {
+                    "201": {
+                        "description": "The webhook made; `Location` is its address.",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": _WEBHOOK_ANSWER,
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+        "/api/v2/webhooks/{id}": {
+            "get": {
+                "operationId": "getWebhook",
+                "summary": "One webhook",
+                "tags": ["webhooks"],
+                "parameters": [_WEBHOOK_ID],
+                "responses": {
+                    "200": {"description": "The webhook.", "content": _WEBHOOK_ANSWER},
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "404": {"$ref": "#/components/responses/WebhookNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "patch": {
+                "operationId": "updateWebhook",
+                "summary": "Change a webhook",
+                "description": "Changes the fields given and leaves the others as they are.",
+                "tags": ["webhooks"],
+                "parameters": [_WEBHOOK_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/WebhookChanges"}}
+                    },
+                },
+                "responses": {
+                    "200": {"description": "The webhook as it is now.", "content": _WEBHOOK_ANSWER},
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "404": {"$ref": "#/components/responses/WebhookNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "delete": {
+                "operationId": "removeWebhook",
+                "summary": "Delete a webhook",
+                "description": (
+                    "Nothing more is sent to it; its logged requests are kept (with no `webhook_id`)."
+                ),
+                "tags": ["webhooks"],
+                "parameters": [_WEBHOOK_ID],
+                "responses": {
+                    "200": {
+                        "description": "The webhook was deleted.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["id", "uuid", "deleted"],
+                                    "properties": {
+                                        "id": {"type": "integer"},
+                                        "uuid": {"type": "string"},
+                                        "deleted": {"type": "boolean", "const": True},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "404": {"$ref": "#/components/responses/WebhookNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+        "/api/v2/webhooks/{id}/requests": {
+            "get": {
+                "operationId": "listWebhookRequestsOfWebhook",
+                "summary": "The request log of one webhook",
+                "tags": ["webhooks"],
+                "parameters": [_WEBHOOK_ID, *_REQUEST_LOG_PARAMETERS],
+                "responses": {
+                    "200": _REQUEST_PAGE_ANSWER,
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "404": {"$ref": "#/components/responses/WebhookNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            }
+        },
+        "/api/v2/webhook-requests": {
+            "get": {
+                "operationId": "listWebhookRequests",
+                "summary": "The request log",
+                "description": (
+                    "Every attempt to send one of the server's events to one of its webhooks, newest first, "
+                    "including those to webhooks deleted since."
+                ),
+                "tags": ["webhooks"],
+                "parameters": _REQUEST_LOG_PARAMETERS,
+                "responses": {
+                    "200": _REQUEST_PAGE_ANSWER,
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_COMMON_ERRORS,
+                },
+            }
+        },
     },
     "components": {
         "securitySchemes": {
@@ -256,6 +462,126 @@ OPENAPI: dict[str, Any] = {
                     "hold_expiry": {
                         "type": ["number", "null"],
                         "description": "When the hold expires and the message is cancelled (Unix seconds).",
+                    },
+                },
+            },
+            "Webhook": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "uuid",
+                    "name",
+                    "url",
+                    "enabled",
+                    "all_events",
+                    "events",
+                    "created_at",
+                    "updated_at",
+                    "last_used_at",
+                ],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "uuid": {"type": "string", "format": "uuid"},
+                    "name": {"type": "string"},
+                    "url": {"type": "string"},
+                    "enabled": {"type": "boolean"},
+                    "all_events": {"type": "boolean", "description": "Sent every event."},
+                    "events": {
+                        "type": ["array", "null"],
+                        "items": {"type": "string", "enum": _EVENT_NAMES},
+                        "description": "The events it is sent; null when it is sent all of them.",
+                    },
+                    "created_at": {"type": "number", "description": "Unix seconds."},
+                    "updated_at": {"type": "number", "description": "Unix seconds."},
+                    "last_used_at": {
+                        "type": ["number", "null"],
+                        "description": "When a request to it last succeeded (Unix seconds).",
+                    },
+                },
+            },
+            "NewWebhook": {
+                "type": "object",
+                "required": ["url"],
+                "additionalProperties": False,
+                "properties": {
+                    "url": {"type": "string", "description": _URL_DESCRIPTION},
+                    "name": {
+                        "type": ["string", "null"],
+                        "maxLength": 255,
+                        "description": "A label (default: the URL's host).",
+                    },
+                    "events": {**_EVENTS_INPUT, "description": "The events to send it; absent or null: all."},
+                    "enabled": {"type": "boolean", "default": True},
+                },
+            },
+            "WebhookChanges": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": False,
+                "properties": {
+                    "url": {"type": "string", "description": _URL_DESCRIPTION},
+                    "name": {"type": "string", "minLength": 1, "maxLength": 255},
+                    "events": _EVENTS_INPUT,
+                    "enabled": {"type": "boolean"},
+                },
+            },
+            "WebhookRequest": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "uuid",
+                    "webhook_id",
+                    "event",
+                    "url",
+                    "attempt",
+                    "timestamp",
+                    "status_code",
+                    "duration",
+                    "response",
+                    "payload",
+                    "will_retry",
+                    "error",
+                ],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "uuid": {
+                        "type": "string",
+                        "description": "The payload's uuid: one per event and webhook, the same on retries.",
+                    },
+                    "webhook_id": {
+                        "type": ["integer", "null"],
+                        "description": "Null once the webhook has been deleted.",
+                    },
+                    "event": {"type": "string"},
+                    "url": {"type": "string"},
+                    "attempt": {"type": "integer", "minimum": 1},
+                    "timestamp": {"type": "number", "description": "When it was sent (Unix seconds)."},
+                    "status_code": {
+                        "type": "integer",
+                        "description": (
+                            "The HTTP status, or: -1 timed out, -2 connection failed, -3 invalid TLS "
+                            "certificate, -4 destination not allowed."
+                        ),
+                    },
+                    "duration": {"type": "number", "description": "Seconds it took."},
+                    "response": {
+                        "type": ["string", "null"],
+                        "description": "The start of the response body.",
+                    },
+                    "payload": {"type": "string", "description": "The JSON body sent, as sent."},
+                    "will_retry": {"type": "boolean"},
+                    "error": {"type": ["string", "null"]},
+                },
+            },
+            "WebhookRequestPage": {
+                "type": "object",
+                "required": ["requests", "more", "next_before"],
+                "properties": {
+                    "requests": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookRequest"}},
+                    "more": {"type": "boolean"},
+                    "next_before": {
+                        "type": ["integer", "null"],
+                        "description": "The `before` of the next page, when there is one.",
                     },
                 },
             },
@@ -322,6 +648,7 @@ OPENAPI: dict[str, Any] = {
                                     "InvalidServerAPIKey",
                                     "ServerSuspended",
                                     "NotHeld",
+                                    "WebhookNotFound",
                                     "NotFound",
                                     "MethodNotAllowed",
                                     "QueueUnavailable",
@@ -366,6 +693,13 @@ OPENAPI: dict[str, Any] = {
                 "description": (
                     "The server has no such held message: it was released, cancelled, expired or delivered "
                     "already, belongs to another server, or never existed."
+                ),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "WebhookNotFound": {
+                "description": (
+                    "The server has no such webhook: it was deleted, belongs to another server, or never "
+                    "existed."
                 ),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             },

@@ -44,6 +44,7 @@ from mtad.store import domains as domain_store
 from mtad.store import messages as message_store
 from mtad.store import organizations as organization_store
 from mtad.store import servers as server_store
+from mtad.store import webhooks as webhook_store
 from mtad.store.db import StoreError, make_engine
 from mtad.store.migrate import head_revision, schema_problem, schema_revision, upgrade_schema
 
@@ -647,6 +648,118 @@ class _Commands:
         for message_id in outcome.not_held:
             self.print(f"  skipped {message_id}: {NOT_HELD}")
 
+    # Webhooks.
+
+    def add_webhook(self, args: argparse.Namespace) -> None:
+        def add(conn: Connection) -> tuple[server_store.Server, webhook_store.Webhook]:
+            server = server_store.get_server_by_name(conn, args.server)
+            webhook = webhook_store.add_webhook(
+                conn, server.id, args.name, args.url, time.time(), events=args.events, enabled=args.enabled
+            )
+            return server, webhook
+
+        server, webhook = self.transaction(add)
+        self.print(
+            f"webhook {webhook.id} ({webhook.name}) added to {server.full_permalink}: {webhook.url}",
+            f"uuid: {webhook.uuid}",
+            f"events: {_webhook_events(webhook)}",
+        )
+        if not webhook.enabled:
+            self.print(f"disabled: `mtad set-webhook {webhook.id} --enable` starts sending to it")
+
+    def list_webhooks(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> tuple[dict[int, str], list[webhook_store.Webhook]]:
+            names = {s.id: s.full_permalink for s in server_store.list_servers(conn)}
+            server_id = None if args.server is None else server_store.get_server_by_name(conn, args.server).id
+            return names, webhook_store.list_webhooks(conn, server_id)
+
+        names, webhooks = self.transaction(load)
+        self._table(
+            ["ID", "SERVER", "NAME", "ENABLED", "EVENTS", "LAST USED", "UUID", "URL"],
+            [
+                [
+                    str(w.id),
+                    names.get(w.server_id, str(w.server_id)),
+                    w.name,
+                    "yes" if w.enabled else "no",
+                    _webhook_events(w),
+                    _format_time(w.last_used_at),
+                    w.uuid,
+                    w.url,
+                ]
+                for w in webhooks
+            ],
+        )
+
+    def set_webhook(self, args: argparse.Namespace) -> None:
+        events: list[str] | webhook_store.Keep | None = webhook_store.KEEP
+        if args.all_events:
+            events = None
+        elif args.events is not None:
+            events = args.events
+        if args.url is None and args.name is None and args.enabled is None and events is webhook_store.KEEP:
+            raise CommandError(
+                "nothing to change: give --url, --name, --event or --all-events, --enable or --disable"
+            )
+        webhook = self.transaction(
+            lambda conn: webhook_store.update_webhook(
+                conn, args.id, time.time(), name=args.name, url=args.url, enabled=args.enabled, events=events
+            )
+        )
+        self.print(
+            f"webhook {webhook.id} ({webhook.name}): {webhook.url}",
+            f"events: {_webhook_events(webhook)}; {'enabled' if webhook.enabled else 'disabled'}",
+        )
+
+    def remove_webhook(self, args: argparse.Namespace) -> None:
+        webhook = self.transaction(lambda conn: webhook_store.remove_webhook(conn, args.id))
+        self.print(f"webhook {webhook.id} ({webhook.name}) removed; its logged requests are kept")
+
+    def webhook_requests(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> tuple[dict[int, str], list[webhook_store.WebhookRequest]]:
+            names = {s.id: s.full_permalink for s in server_store.list_servers(conn)}
+            server_id = None if args.server is None else server_store.get_server_by_name(conn, args.server).id
+            found = webhook_store.list_webhook_requests(
+                conn,
+                server_id,
+                webhook_id=args.webhook,
+                uuid=args.uuid,
+                before_id=args.before,
+                limit=args.limit + 1,
+            )
+            return names, found
+
+        names, found = self.transaction(load)
+        more = len(found) > args.limit
+        found = found[: args.limit]
+        if not found:
+            self.print("no webhook requests" + ("" if args.before is None else f" before {args.before}"))
+            return
+        self._table(
+            [
+                *("ID", "TIME", "SERVER", "WEBHOOK", "EVENT", "ATTEMPT", "STATUS"),
+                *("TIME TAKEN", "RETRY", "UUID", "RESULT"),
+            ],
+            [
+                [
+                    str(r.id),
+                    _format_time(r.timestamp),
+                    names.get(r.server_id, str(r.server_id)),
+                    "-" if r.webhook_id is None else str(r.webhook_id),
+                    r.event,
+                    str(r.attempt),
+                    webhook_store.describe_status(r.status_code),
+                    f"{r.duration:.3f} s",
+                    "yes" if r.will_retry else "no",
+                    r.uuid,
+                    _shorten(r.error or r.response or "", 40),
+                ]
+                for r in found
+            ],
+        )
+        if more:
+            self.print(f"(more: --before {found[-1].id})")
+
     def _table(self, header: list[str], rows: list[list[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
         for row in [header, *rows]:
@@ -662,6 +775,22 @@ def _format_time(timestamp: float | None) -> str:
 def _shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _webhook_events(webhook: webhook_store.Webhook) -> str:
+    if webhook.all_events:
+        return "all"
+    return ", ".join(e for e in webhook_store.WEBHOOK_EVENTS if e in webhook.events)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
 
 
 def _described(args: argparse.Namespace) -> str:
@@ -808,7 +937,58 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--server", metavar="SERVER", help="held messages of organization/server")
         _held_filters(p)
         p.add_argument("--all", action="store_true", help="every held message (that matches the filters)")
+
+    _webhook_commands(commands)
     return parser
+
+
+_EVENT_HELP = "send only this event (repeatable); the events are " + ", ".join(webhook_store.WEBHOOK_EVENTS)
+
+
+def _webhook_commands(commands: Any) -> None:
+    p = commands.add_parser("add-webhook", help="add a webhook: a URL the server's events are POSTed to")
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument("url", metavar="URL", help="http:// or https:// URL")
+    p.add_argument("--name", help="a label for the webhook (default: the URL's host)")
+    p.add_argument(
+        "--event",
+        dest="events",
+        metavar="EVENT",
+        action="extend",
+        nargs="+",
+        help=f"{_EVENT_HELP} (default: all)",
+    )
+    p.add_argument(
+        "--disabled", dest="enabled", action="store_false", help="add it without sending to it yet"
+    )
+
+    p = commands.add_parser("list-webhooks", help="list webhooks")
+    p.add_argument("server", metavar="SERVER", nargs="?", help="organization/server (default: all servers)")
+
+    p = commands.add_parser(
+        "set-webhook", help="change a webhook's URL, name, events or whether it is enabled"
+    )
+    p.add_argument("id", metavar="ID", type=int, help="the webhook's id (list-webhooks)")
+    p.add_argument("--url", help="new http:// or https:// URL")
+    p.add_argument("--name", help="new label")
+    events = p.add_mutually_exclusive_group()
+    events.add_argument(
+        "--event", dest="events", metavar="EVENT", action="extend", nargs="+", help=_EVENT_HELP
+    )
+    events.add_argument("--all-events", action="store_true", help="send every event")
+    enabled = p.add_mutually_exclusive_group()
+    enabled.add_argument("--enable", dest="enabled", action="store_const", const=True, help="send to it")
+    enabled.add_argument("--disable", dest="enabled", action="store_const", const=False, help="stop sending")
+
+    p = commands.add_parser("remove-webhook", help="delete a webhook (its request log is kept)")
+    p.add_argument("id", metavar="ID", type=int)
+
+    p = commands.add_parser("webhook-requests", help="the webhook request log, newest first")
+    p.add_argument("server", metavar="SERVER", nargs="?", help="organization/server (default: all servers)")
+    p.add_argument("--webhook", metavar="ID", type=int, help="requests to this webhook only")
+    p.add_argument("--uuid", metavar="UUID", help="the attempts to send one event (its payload's uuid)")
+    p.add_argument("--before", metavar="ID", type=int, help="older than the request with this id (next page)")
+    p.add_argument("--limit", type=_positive, default=50, help="show at most this many (default 50)")
 
 
 def _held_filters(p: argparse.ArgumentParser) -> None:

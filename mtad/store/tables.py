@@ -15,7 +15,9 @@ Conventions, chosen so that one schema runs unchanged on SQLite, PostgreSQL and 
   whose ``BLOB`` stops at 64 KiB. Raw messages are stored in parts (``mtad.store.raw_messages.PART_SIZE``) so
   that no single row comes near MySQL's ``max_allowed_packet`` (16 MiB by default on MariaDB).
 - History tables (messages, deliveries) have no foreign keys: they are written at least once from the event
-  stream, and a row that cannot be inserted must not poison a batch forever.
+  stream, and a row that cannot be inserted must not poison a batch forever. The one exception is
+  ``webhook_requests.webhook_id`` (``ON DELETE SET NULL``, so the log outlives its webhook); the function
+  that records requests writes NULL for a webhook deleted in the meantime, so that key cannot poison one.
 """
 
 from __future__ import annotations
@@ -244,5 +246,80 @@ domain_keys = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.UniqueConstraint("domain_id", "selector"),
+    **TABLE_OPTIONS,
+)
+
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "server_id",
+        sa.BigInteger,
+        sa.ForeignKey("servers.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    # Names the webhook to the outside (Postal's ``uuid``): the management API takes it as well as the id.
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    # http(s) only; no length limit (query strings carrying tokens can be long).
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
+    # True: every event; false: the events listed in ``webhook_events`` for it.
+    sa.Column("all_events", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    # When a request to it last succeeded (2xx).
+    sa.Column("last_used_at", Timestamp, nullable=True),
+    **TABLE_OPTIONS,
+)
+
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    # The events a webhook with ``all_events`` false is sent; a webhook for all events has no rows here.
+    sa.Column(
+        "webhook_id",
+        sa.BigInteger,
+        sa.ForeignKey("webhooks.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("event", sa.String(64), primary_key=True),
+    **TABLE_OPTIONS,
+)
+
+webhook_requests = sa.Table(
+    "webhook_requests",
+    metadata,
+    # The request log: one row per attempt to send an event to a webhook, kept under retention.
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("server_id", sa.BigInteger, nullable=False),
+    # The log outlives the webhook: deleting one leaves its requests with NULL here.
+    sa.Column("webhook_id", sa.BigInteger, sa.ForeignKey("webhooks.id", ondelete="SET NULL"), nullable=True),
+    # The ``uuid`` of the payload sent, one per event and webhook, the same on every retry.
+    sa.Column("uuid", sa.String(36), nullable=False),
+    sa.Column("event", sa.String(64), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    # 1, 2, ...: recording the same attempt again (a retried batch) is a no-op.
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("timestamp", Timestamp, nullable=False),
+    # The HTTP status, or Postal's pseudo codes: -1 timeout, -2 connection failed, -3 TLS certificate
+    # refused, -4 destination not allowed.
+    sa.Column("status_code", sa.Integer, nullable=False),
+    # Seconds the request took.
+    sa.Column("duration", sa.Double, nullable=False),
+    # The start of the response body, as the sender kept it.
+    sa.Column("response", LongText, nullable=True),
+    # The JSON body sent, exactly (its signature was over these octets).
+    sa.Column("payload", LongText, nullable=False),
+    sa.Column("will_retry", sa.Boolean, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.UniqueConstraint("uuid", "attempt"),
+    # Paging a server's log (and one webhook's) newest first; retention and the log of all servers.
+    sa.Index(None, "server_id", "timestamp", "id"),
+    sa.Index(None, "webhook_id", "timestamp", "id"),
+    sa.Index(None, "timestamp", "id"),
     **TABLE_OPTIONS,
 )
