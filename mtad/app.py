@@ -235,7 +235,11 @@ class MtadService(Service):
         hold_expiry.startService()
         self._on_stop("hold expiry", hold_expiry.stopService)
         acceptor = Acceptor(
-            self.queue, self._reactor, default_pool=config.delivery.default_pool, timeout=config.redis.timeout
+            self.queue,
+            self._reactor,
+            default_pool=config.delivery.default_pool,
+            timeout=config.redis.timeout,
+            hostname=config.general.hostname,
         )
         listeners = await self._open_smtp_listeners(acceptor, self.database)
         await self._open_http_listeners(acceptor, self.queue, self.database, listeners)

@@ -7,6 +7,7 @@ that silently falls back to a default is how mail ends up on the wrong port.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 import types
 import typing
@@ -226,6 +227,43 @@ class EventsConfig:
     claim_idle: float = attrs.field(default=60.0, metadata=_check(_positive))
 
 
+def _networks(value: Any) -> str | None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not a network (CIDR, e.g. 10.0.0.0/8)"
+    return None
+
+
+def _delays(value: Any) -> str | None:
+    return None if all(d > 0 for d in value) else "every delay must be greater than 0"
+
+
+@attrs.frozen
+class WebhooksConfig:
+    """``[webhooks]``: Postal-compatible signed webhooks."""
+
+    #: The RSA key webhooks (and HTTP endpoints) are signed with; created (2048 bits) when missing.
+    #: Default: ``signing.key`` in ``general.data_dir``. Its public half is at ``/.well-known/jwks.json``.
+    signing_key: str = ""
+    #: Seconds a receiver has to answer (Postal: 5).
+    timeout: float = attrs.field(default=5.0, metadata=_check(_positive))
+    #: Requests in flight to one receiver (scheme, host and port) from one process.
+    per_url_concurrency: int = attrs.field(default=4, metadata=_check(_positive))
+    #: Requests in flight from one process in all.
+    concurrency: int = attrs.field(default=50, metadata=_check(_positive))
+    #: Seconds between the attempts of a failing request; after the last, it is given up (Postal's).
+    retry_delays: tuple[float, ...] = attrs.field(
+        default=(120.0, 180.0, 360.0, 600.0, 900.0), metadata=_check(_delays)
+    )
+    #: Days the request log (every attempt) is kept.
+    request_log_days: float = attrs.field(default=10.0, metadata=_check(_positive))
+    #: Networks webhooks may be sent to although private, loopback or link-local (the SSRF guard refuses
+    #: those otherwise), e.g. ``["10.1.0.0/16"]`` for receivers on your own network.
+    allowed_networks: tuple[str, ...] = attrs.field(default=(), metadata=_check(_networks))
+
+
 @attrs.frozen
 class SourceAddressConfig:
     #: Local address outbound connections bind to.
@@ -252,6 +290,7 @@ class Config:
     domains: DomainsConfig = DomainsConfig()
     retention: RetentionConfig = RetentionConfig()
     events: EventsConfig = EventsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
     #: source address and ``general.hostname`` as HELO name.
     ip_pools: tuple[IPPoolConfig, ...] = ()

@@ -103,6 +103,8 @@ class MessageDelivery:
     #: The message's Message-ID field (``message_id`` is its numeric id).
     header_message_id: str | None = None
     tag: str | None = None
+    #: When the message was accepted (Postal's message ``timestamp`` in webhooks).
+    message_timestamp: float | None = None
 
 
 AnyEvent: TypeAlias = MessageQueued | MessageDelivery

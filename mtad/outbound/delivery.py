@@ -624,4 +624,5 @@ class DeliveryService(Service):
             subject=fields.get("subject"),
             header_message_id=fields.get("message_id"),
             tag=fields.get("tag"),
+            message_timestamp=message.created_at,
         )

@@ -43,6 +43,7 @@ def hold_cancelled_event(message: HeldMessage, now: float, details: str = HOLD_C
         subject=fields.get("subject"),
         header_message_id=fields.get("message_id"),
         tag=fields.get("tag"),
+        message_timestamp=message.created_at,
     )
 
 

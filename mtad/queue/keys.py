@@ -19,6 +19,11 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
                                by consumer groups; trimmed only behind every group (`TRIM_ACKNOWLEDGED`)
 ``<p>events:parked``           Stream of events no consumer could handle (``id``, ``group``, ``type``,
                                ``data``, ``reason``), kept for the operator
+``<p>webhook:{<uuid>}``        hash: one webhook request waiting to be POSTed (url, body, attempts, ...)
+``<p>webhook_done:{<uuid>}``   string with a TTL: the request was delivered or given up (an event handled
+                               twice does not queue it again)
+``<p>webhooks:due``            ZSET uuid → next attempt time
+``<p>webhooks:leased``         ZSET uuid → lease deadline (a dispatcher is POSTing it)
 ``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
 =============================  ==========================================================================
 
@@ -114,6 +119,17 @@ class QueueKeys:
     @property
     def archive_pending(self) -> str:
         return f"{self.prefix}archive_pending"
+
+    @property
+    def webhooks_due(self) -> str:
+        return f"{self.prefix}webhooks:due"
+
+    @property
+    def webhooks_leased(self) -> str:
+        return f"{self.prefix}webhooks:leased"
+
+    def webhook(self, uuid: str) -> str:
+        return f"{self.prefix}webhook:{{{uuid}}}"
 
     def limit(self, key: str) -> str:
         return f"{self.prefix}limit:{key}"
@@ -638,5 +654,101 @@ for _, name in ipairs(ARGV) do
 end
 if bound == nil then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', bound)
+""",
+)
+
+
+_WEBHOOKS = r"""
+local K_DUE, K_LEASED = KEYS[1], KEYS[2]
+local PREFIX = ARGV[1]
+local function request_key(uuid) return PREFIX .. 'webhook:{' .. uuid .. '}' end
+local function done_key(uuid) return PREFIX .. 'webhook_done:{' .. uuid .. '}' end
+local function leased_by(rkey, token)
+  return redis.call('HGET', rkey, 'lease_token') == token
+end
+"""
+
+# KEYS: webhooks due, webhooks leased. ARGV: prefix, now, count, then per request: uuid, nfields, fields...
+# Queues each request unless it is queued already or was finished lately (an event handled twice).
+# Answers how many were added.
+WEBHOOKS_ADD = Script.of(
+    "webhooks_add",
+    _WEBHOOKS
+    + r"""
+local now, count = ARGV[2], tonumber(ARGV[3])
+local i, added = 4, 0
+for n = 1, count do
+  local uuid, nfields = ARGV[i], tonumber(ARGV[i + 1])
+  local rkey = request_key(uuid)
+  if redis.call('EXISTS', rkey) == 0 and redis.call('EXISTS', done_key(uuid)) == 0 then
+    local args = {'uuid', uuid, 'attempts', 0, 'queued_at', now}
+    for f = 0, nfields - 1 do
+      args[#args + 1] = ARGV[i + 2 + 2 * f]
+      args[#args + 1] = ARGV[i + 3 + 2 * f]
+    end
+    redis.call('HSET', rkey, unpack(args))
+    redis.call('ZADD', K_DUE, now, uuid)
+    added = added + 1
+  end
+  i = i + 2 + 2 * nfields
+end
+return added
+""",
+)
+
+# KEYS: due, leased. ARGV: prefix, now, limit, lease deadline, lease token base. Leases whose deadline
+# passed go back to due first; then up to ``limit`` due requests are leased. Answers flat HGETALL arrays.
+WEBHOOKS_CLAIM = Script.of(
+    "webhooks_claim",
+    _WEBHOOKS
+    + r"""
+local now, limit, deadline, base = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', K_LEASED, uuid)
+  if redis.call('EXISTS', request_key(uuid)) == 1 then redis.call('ZADD', K_DUE, now, uuid) end
+end
+local claimed = {}
+for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', K_DUE, '-inf', now, 'LIMIT', 0, limit)) do
+  local rkey = request_key(uuid)
+  redis.call('ZREM', K_DUE, uuid)
+  if redis.call('EXISTS', rkey) == 1 then
+    redis.call('HSET', rkey, 'lease_token', base .. ':' .. uuid)
+    redis.call('ZADD', K_LEASED, deadline, uuid)
+    claimed[#claimed + 1] = redis.call('HGETALL', rkey)
+  end
+end
+return claimed
+""",
+)
+
+# KEYS: due, leased. ARGV: prefix, uuid, lease token, remember_seconds. The request is finished (delivered
+# or given up): deleted, and remembered for ``remember_seconds`` so that it is not queued again.
+WEBHOOK_DONE = Script.of(
+    "webhook_done",
+    _WEBHOOKS
+    + r"""
+local uuid, token = ARGV[2], ARGV[3]
+local rkey = request_key(uuid)
+if not leased_by(rkey, token) then return 0 end
+redis.call('DEL', rkey)
+redis.call('ZREM', K_LEASED, uuid)
+redis.call('SET', done_key(uuid), '1', 'EX', tonumber(ARGV[4]))
+return 1
+""",
+)
+
+# KEYS: due, leased. ARGV: prefix, uuid, lease token, next attempt time, attempts so far.
+WEBHOOK_RETRY = Script.of(
+    "webhook_retry",
+    _WEBHOOKS
+    + r"""
+local uuid, token = ARGV[2], ARGV[3]
+local rkey = request_key(uuid)
+if not leased_by(rkey, token) then return 0 end
+redis.call('HDEL', rkey, 'lease_token')
+redis.call('HSET', rkey, 'attempts', ARGV[5])
+redis.call('ZREM', K_LEASED, uuid)
+redis.call('ZADD', K_DUE, ARGV[4], uuid)
+return 1
 """,
 )

@@ -294,6 +294,7 @@ class SettleTests(ServiceTestCase):
                 "subject": "Hello",
                 "header_message_id": "m1@mtad.test",
                 "tag": "welcome",
+                "message_timestamp": NOW,
             },
         )
         attempt = parse_delivery(Event("1-0", MESSAGE_DELIVERY, data))

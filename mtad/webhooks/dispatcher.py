@@ -1,0 +1,195 @@
+"""`WebhookDispatcher`: POSTs due webhook requests, logs every attempt, retries on Postal's schedule.
+
+Each request is tried, and every attempt is written to the request log in SQL
+(`mtad.store.webhooks.record_webhook_requests`: url, status, duration, response excerpt) before the request
+is settled in Redis; a dispatcher killed in between POSTs it again when its lease expires, and the log
+keeps one row per (uuid, attempt). 2xx is success; anything else (a non-2xx answer, a redirect, a timeout,
+a refused or reset connection, a bad certificate, an address the SSRF guard refuses) is retried after
+``retry_delays`` (Postal: 2, 3, 6, 10 and 15 minutes), then given up with a log line and the last row's
+``will_retry`` false.
+
+Up to ``concurrency`` requests are in flight; the sender caps each receiver's share, so one slow receiver
+never delays another server's webhooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mtad.events.recorder import UnitOfWork
+from mtad.store.webhooks import WebhookRequest, record_webhook_requests, touch_last_used
+from mtad.webhooks.queue import PendingRequest, WebhookQueue
+
+#: Postal's ``WebhookDeliveryService::RETRIES``: the wait after the 1st, 2nd, ... failed attempt.
+POSTAL_RETRY_DELAYS = (120.0, 180.0, 360.0, 600.0, 900.0)
+
+
+class SendOutcome(Protocol):
+    """What the dispatcher needs of a POST's outcome (`mtad.webhooks.sender`)."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def body_excerpt(self) -> str: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+class Sender(Protocol):
+    def post(self, url: str, body: bytes) -> Deferred[SendOutcome]: ...
+
+
+def retry_delay(attempt: int, delays: Sequence[float]) -> float | None:
+    """The wait after failed attempt number ``attempt`` (1-based), or None to give up."""
+    return delays[attempt - 1] if 1 <= attempt <= len(delays) else None
+
+
+@attrs.frozen
+class DispatchSettings:
+    concurrency: int = 50
+    batch_size: int = 50
+    lease_seconds: float = 120.0
+    poll_interval: float = 0.2
+    retry_delays: tuple[float, ...] = POSTAL_RETRY_DELAYS
+
+
+class WebhookDispatcher(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        queue: WebhookQueue,
+        database: UnitOfWork,
+        sender: Sender,
+        settings: DispatchSettings | None = None,
+    ) -> None:
+        self._clock = clock
+        self._queue = queue
+        self._database = database
+        self._sender = sender
+        self.settings = settings or DispatchSettings()
+        self._in_flight: set[Deferred[None]] = set()
+        self._loop: Deferred[None] | None = None
+        self._waiting: Deferred[None] | None = None
+        self.sent = 0
+        self.failed = 0
+
+    async def run_once(self) -> int:
+        """Claim what is due (up to the free slots) and start POSTing it; how many were claimed."""
+        free = self.settings.concurrency - len(self._in_flight)
+        if free <= 0:
+            return 0
+        claimed = await self._queue.claim(
+            self._clock.seconds(), min(free, self.settings.batch_size), self.settings.lease_seconds
+        )
+        for request in claimed:
+            self._start(request)
+        return len(claimed)
+
+    def _start(self, request: PendingRequest) -> None:
+        task = Deferred.fromCoroutine(self._attempt(request))
+        self._in_flight.add(task)
+
+        def finished(result: object) -> None:
+            self._in_flight.discard(task)
+            if isinstance(result, Failure):
+                # The lease expires and the request is tried again, by this process or another.
+                self.log.failure("webhook request {uuid} failed", result, uuid=request.uuid)
+
+        task.addBoth(finished)
+
+    async def _attempt(self, request: PendingRequest) -> None:
+        outcome = await self._sender.post(request.url, request.body)
+        attempt = request.attempts + 1
+        now = self._clock.seconds()
+        delay = None if outcome.ok else retry_delay(attempt, self.settings.retry_delays)
+        row = WebhookRequest(
+            server_id=request.server_id,
+            webhook_id=request.webhook_id,
+            uuid=request.uuid,
+            event=request.event,
+            url=request.url,
+            attempt=attempt,
+            timestamp=now,
+            status_code=outcome.status_code,
+            duration=outcome.duration,
+            response=outcome.body_excerpt,
+            payload=request.body.decode("utf-8", "replace"),
+            will_retry=delay is not None,
+            error=outcome.error,
+        )
+        await self._database.run(record_webhook_requests, [row])
+        if outcome.ok:
+            self.sent += 1
+            await self._database.run(touch_last_used, [request.webhook_id], now)
+            await self._queue.done(request)
+        elif delay is not None:
+            self.log.info(
+                "webhook {event} {uuid} to {url} failed ({status}); retrying in {delay}s",
+                event=request.event,
+                uuid=request.uuid,
+                url=request.url,
+                status=outcome.status_code,
+                delay=delay,
+            )
+            await self._queue.retry(request, now + delay, attempt)
+        else:
+            self.failed += 1
+            self.log.warn(
+                "webhook {event} {uuid} to {url} given up after {attempts} attempts (last: {status})",
+                event=request.event,
+                uuid=request.uuid,
+                url=request.url,
+                attempts=attempt,
+                status=outcome.status_code,
+            )
+            await self._queue.done(request)
+
+    async def _run(self) -> None:
+        while self.running:
+            try:
+                claimed = await self.run_once()
+            except Exception as e:
+                self.log.warn("cannot claim webhook requests ({error}); retrying", error=str(e))
+                claimed = 0
+            if not claimed and self.running:
+                self._waiting = deferLater(self._clock, self.settings.poll_interval)
+                try:
+                    await self._waiting
+                except CancelledError:
+                    pass
+                finally:
+                    self._waiting = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: self.log.failure("webhook dispatcher stopped unexpectedly", f))
+
+    def stopService(self) -> Deferred[None]:
+        """Stop claiming; fires when the POSTs in flight have been settled (or their leases will expire)."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._waiting is not None:
+            self._waiting.cancel()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            await loop
+        if self._in_flight:
+            await DeferredList(list(self._in_flight), consumeErrors=True)
