@@ -621,7 +621,7 @@ class LegacyAPI:
             message = compose(draft, message_id=message_id, timestamp=now, received=received)
         recipients = [m.address for m in (*given.to, *given.cc, *given.bcc)]
         mail_from = "" if given.bounce else given.from_.address
-        messages = await self._accept(caller, mail_from, recipients, message, tag=given.tag)
+        messages, _ = await self._accept(caller, mail_from, recipients, message, tag=given.tag)
         return {"message_id": message_id, "messages": messages}
 
     async def _from_authenticated(self, server: Server, from_: Mailbox, sender: Mailbox | None) -> bool:
@@ -644,8 +644,9 @@ class LegacyAPI:
         if not recipients:
             return {"message_id": None, "messages": {}}
         mail_from = "" if given.bounce else given.mail_from
-        messages = await self._accept(caller, mail_from, recipients, given.data, tag=None)
-        return {"message_id": parse_headers(given.data).message_id, "messages": messages}
+        # The Message-ID as queued: the message's own, or the one accepting added (`complete_submission`).
+        messages, message_id = await self._accept(caller, mail_from, recipients, given.data, tag=None)
+        return {"message_id": message_id, "messages": messages}
 
     async def _headers_authenticated(self, server: Server, message: bytes) -> bool:
         """The SMTP server's rule (`mtad.accept.headers_authenticated`), with this server's domains."""
@@ -664,8 +665,9 @@ class LegacyAPI:
 
     async def _accept(
         self, caller: Caller, mail_from: str, recipients: list[str], message: bytes, *, tag: str | None
-    ) -> dict[str, dict[str, Any]]:
-        """Queue ``message`` once per distinct recipient (one Redis call); Postal's ``messages`` map."""
+    ) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """Queue ``message`` once per distinct recipient (one Redis call); Postal's ``messages`` map and
+        the Message-ID the messages were queued with."""
         self._check_size(len(message))
         unique = list(dict.fromkeys(recipients))
         try:
@@ -692,7 +694,7 @@ class LegacyAPI:
             raise APIError(
                 "QueueUnavailable", "The queue is unavailable; the message was not queued, try again later"
             ) from None
-        return {m.rcpt_to: {"id": m.id, "token": m.token} for m in accepted}
+        return {m.rcpt_to: {"id": m.id, "token": m.token} for m in accepted}, accepted[0].message_id
 
     # -- messages -------------------------------------------------------------------------------------
 

@@ -910,7 +910,8 @@ class SendRawTests(LegacyAPITestCase):
 
     async def test_date_and_message_id_added(self) -> None:
         """A raw message without Date and Message-ID is queued with both (the Date the accept time, the
-        Message-ID on the installation's hostname), and messages/message reports the added Message-ID."""
+        Message-ID on the installation's hostname); send/raw answers and messages/message report the added
+        Message-ID."""
         self.use(self.make_api(acceptor=Acceptor(self.queue, self.clock, hostname=HOSTNAME)))
         bare = b"From: test@example.test\r\nTo: a@example.com\r\nSubject: bare\r\n\r\nHello\r\n"
         envelope = await self.call(RAW, raw_params(rcpt_to=["a@example.com"], data=b64(bare)))
@@ -923,6 +924,7 @@ class SendRawTests(LegacyAPITestCase):
         self.assertRegex(lines[4], rb"^Message-ID: <[0-9a-f-]{36}@mx\.mtad\.test>$")
         details = (await self.call(MESSAGE, {"id": id, "_expansions": ["details"]}))["data"]["details"]
         self.assertEqual(f"Message-ID: <{details['message_id']}>".encode(), lines[4])
+        self.assertEqual(f"Message-ID: <{envelope['data']['message_id']}>".encode(), lines[4])
 
     async def test_params_field(self) -> None:
         """send/raw takes its parameters from a ``params`` form field too (Postal's spec)."""
