@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 import attrs
 
@@ -105,6 +105,54 @@ class MessageDelivery:
     tag: str | None = None
     #: When the message was accepted (Postal's message ``timestamp`` in webhooks).
     message_timestamp: float | None = None
+
+
+class QueuedMessage(Protocol):
+    """What `delivery_event` reads of a queued message (the queue's claimed and held messages)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def token(self) -> str: ...
+    @property
+    def server_id(self) -> int: ...
+    @property
+    def scope(self) -> str: ...
+    @property
+    def mail_from(self) -> str: ...
+    @property
+    def rcpt_to(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def fields(self) -> Mapping[str, str]: ...
+
+
+def delivery_event(
+    message: QueuedMessage, *, status: str, timestamp: float, **attempt: Any
+) -> MessageDelivery:
+    """The ``message.delivery`` event of ``message``'s next attempt: ``attempt`` holds what the attempt
+    itself found (details, code, output, ...); the message's envelope, subject, Message-ID field and tag
+    come from the queue, for webhooks."""
+    fields = message.fields
+    return MessageDelivery(
+        message_id=message.id,
+        attempt=message.attempts + 1,
+        status=status,
+        timestamp=timestamp,
+        server_id=message.server_id,
+        token=message.token,
+        scope=message.scope,
+        mail_from=message.mail_from,
+        rcpt_to=message.rcpt_to,
+        subject=fields.get("subject"),
+        header_message_id=fields.get("message_id"),
+        tag=fields.get("tag"),
+        message_timestamp=message.created_at,
+        **attempt,
+    )
 
 
 AnyEvent: TypeAlias = MessageQueued | MessageDelivery
@@ -213,19 +261,3 @@ def decode_entry(entry: Event) -> Received:
     if cls is None:
         raise BadEvent(f"unknown event type {entry.type!r}")
     return Received(entry.id, from_dict(cls, entry.data))
-
-
-def decode(type_: str, data: str | bytes | None) -> AnyEvent:
-    """The event a stream entry holds; `BadEvent` when it cannot be read."""
-    cls = EVENT_CLASSES.get(type_)
-    if cls is None:
-        raise BadEvent(f"unknown event type {type_!r}")
-    if data is None:
-        raise BadEvent(f"{type_}: entry has no data")
-    try:
-        parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadEvent(f"{type_}: data is not JSON: {e}") from None
-    if not isinstance(parsed, dict):
-        raise BadEvent(f"{type_}: data is not a JSON object")
-    return from_dict(cls, parsed)

@@ -35,7 +35,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtad.events.schema import MessageDelivery
+from mtad.events.schema import MessageDelivery, delivery_event
 from mtad.outbound.deliverer import BatchOutcome, DeliveryResult, RecipientResult
 from mtad.outbound.pools import IPPool
 from mtad.outbound.retry import DEFAULT_POLICY, RetryPolicy, backoff, max_attempts_details
@@ -599,11 +599,10 @@ class DeliveryService(Service):
         hold_expiry: float | None = None,
     ) -> MessageDelivery:
         """The ``message.delivery`` event of this attempt: the delivery row, and the message for webhooks."""
-        fields = message.fields
-        return MessageDelivery(
-            message_id=message.id,
-            attempt=message.attempts + 1,
+        return delivery_event(
+            message,
             status=status.value,
+            timestamp=now,
             code=result.code if result is not None else None,
             output=(result.output or None) if result is not None else None,
             details=details,
@@ -611,18 +610,8 @@ class DeliveryService(Service):
             # Postal gives every delivery attempt a log id; its clients expect a string.
             log_id=new_log_id(),
             time=result.time if result is not None else None,
-            timestamp=now,
             hold_expiry=hold_expiry,
-            server_id=message.server_id,
-            token=message.token,
-            scope=message.scope,
-            mail_from=message.mail_from,
-            rcpt_to=message.rcpt_to,
             enhanced_code=(result.enhanced or None) if result is not None else None,
             mx=result.mx if result is not None else None,
             source_ip=result.source_ip if result is not None else None,
-            subject=fields.get("subject"),
-            header_message_id=fields.get("message_id"),
-            tag=fields.get("tag"),
-            message_timestamp=message.created_at,
         )

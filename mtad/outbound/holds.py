@@ -17,7 +17,7 @@ import functools
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mtad.events.schema import MessageDelivery
+from mtad.events.schema import MessageDelivery, delivery_event
 from mtad.queue.redis_queue import HeldMessage, RedisQueue
 from mtad.store.messages import MessageStatus
 from mtad.sweeps import PeriodicSweep
@@ -28,23 +28,7 @@ HOLD_CANCELLED = "The hold on this message has been removed without action."
 
 def hold_cancelled_event(message: HeldMessage, now: float, details: str = HOLD_CANCELLED) -> MessageDelivery:
     """The ``message.delivery`` event of a cancelled hold, of the same class as the delivery service's."""
-    fields = message.fields
-    return MessageDelivery(
-        message_id=message.id,
-        attempt=message.attempts + 1,
-        status=MessageStatus.HOLD_CANCELLED.value,
-        details=details,
-        timestamp=now,
-        server_id=message.server_id,
-        token=message.token,
-        scope=message.scope,
-        mail_from=message.mail_from,
-        rcpt_to=message.rcpt_to,
-        subject=fields.get("subject"),
-        header_message_id=fields.get("message_id"),
-        tag=fields.get("tag"),
-        message_timestamp=message.created_at,
-    )
+    return delivery_event(message, status=MessageStatus.HOLD_CANCELLED.value, timestamp=now, details=details)
 
 
 class HoldExpiry(PeriodicSweep):

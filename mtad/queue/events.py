@@ -187,8 +187,9 @@ class EventStream:
         One script, so the event is never both lost and acknowledged; False when it was no longer pending
         in the group (another consumer took it over and dealt with it).
         """
-        data = event.data.get("_undecodable") if "_undecodable" in event.data else None
-        raw = data if isinstance(data, str) else json.dumps(event.data, ensure_ascii=False, sort_keys=True)
+        # An entry whose data was not JSON keeps its text as it was (`parse_entry`).
+        undecodable = event.data.get("_undecodable")
+        raw = undecodable if isinstance(undecodable, str) else json.dumps(event.data, ensure_ascii=False)
         d = self.client.run_script(
             PARK,
             [self.keys.events, self.keys.parked_events],

@@ -480,6 +480,14 @@ def record_webhook_requests(conn: Connection, requests: Sequence[WebhookRequest]
     )
 
 
+def record_webhook_attempt(conn: Connection, request: WebhookRequest, succeeded_at: float | None) -> None:
+    """One dispatcher attempt in one transaction: its log row and, when it succeeded, its webhook's last
+    use."""
+    record_webhook_requests(conn, [request])
+    if succeeded_at is not None and request.webhook_id is not None:
+        touch_last_used(conn, [request.webhook_id], succeeded_at)
+
+
 def list_webhook_requests(
     conn: Connection,
     server_id: int | None,

@@ -1,7 +1,8 @@
 """`WebhookDispatcher`: POSTs due webhook requests, logs every attempt, retries on Postal's schedule.
 
 Each request is tried, and every attempt is written to the request log in SQL
-(`mtad.store.webhooks.record_webhook_requests`: url, status, duration, response excerpt) before the request
+(`mtad.store.webhooks.record_webhook_attempt`: url, status, duration, response excerpt, in the same
+transaction as the webhook's last use) before the request
 is settled in Redis; a dispatcher killed in between POSTs it again when its lease expires, and the log
 keeps one row per (uuid, attempt). 2xx is success; anything else (a non-2xx answer, a redirect, a timeout,
 a refused or reset connection, a bad certificate, an address the SSRF guard refuses) is retried after
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtad.events.recorder import UnitOfWork
-from mtad.store.webhooks import WebhookRequest, record_webhook_requests, touch_last_used
+from mtad.store.webhooks import WebhookRequest, record_webhook_attempt
 from mtad.webhooks.queue import PendingRequest, WebhookQueue
 
 #: Postal's ``WebhookDeliveryService::RETRIES``: the wait after the 1st, 2nd, ... failed attempt.
@@ -132,10 +133,9 @@ class WebhookDispatcher(Service):
             will_retry=delay is not None,
             error=outcome.error,
         )
-        await self._database.run(record_webhook_requests, [row])
+        await self._database.run(record_webhook_attempt, row, now if outcome.ok else None)
         if outcome.ok:
             self.sent += 1
-            await self._database.run(touch_last_used, [request.webhook_id], now)
             await self._queue.done(request)
         elif delay is not None:
             self.log.info(

@@ -13,7 +13,7 @@ or removed takes effect within that time.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -73,8 +73,7 @@ class WebhookTrigger:
         await self._queue.add(requests, now)
 
     async def _webhooks_for(self, server_id: int, event: str) -> tuple[Webhook, ...]:
-        lookup: Callable[[], Awaitable[tuple[Webhook, ...]]] = lambda: self._lookup(server_id, event)  # noqa: E731
-        return await self._webhooks.get((server_id, event), lookup)
+        return await self._webhooks.get((server_id, event), lambda: self._lookup(server_id, event))
 
     async def _lookup(self, server_id: int, event: str) -> tuple[Webhook, ...]:
         found: list[Webhook] = await self._database.run(webhooks_for_event, server_id, event)
