@@ -139,6 +139,10 @@ messages = sa.Table(
     # message was deleted under retention keeps the id. NULL for messages recorded before raw messages
     # were kept.
     sa.Column("raw_message_id", sa.BigInteger, nullable=True),
+    # A bounce (DSN, complaint) received for one of our messages: ``bounce`` set, ``bounce_for_id`` the
+    # message it was matched to (Postal's columns of those names).
+    sa.Column("bounce", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Column("bounce_for_id", sa.BigInteger, nullable=True),
     sa.Index(None, "server_id", "timestamp"),
     **TABLE_OPTIONS,
 )
@@ -321,5 +325,33 @@ webhook_requests = sa.Table(
     sa.Index(None, "server_id", "timestamp", "id"),
     sa.Index(None, "webhook_id", "timestamp", "id"),
     sa.Index(None, "timestamp", "id"),
+    **TABLE_OPTIONS,
+)
+
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    # Addresses a server does not send to (Postal's suppression list), until ``expires_at`` if set.
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "server_id",
+        sa.BigInteger,
+        sa.ForeignKey("servers.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    # The recipient address, lower-cased (one entry per address and server).
+    sa.Column("address", sa.String(320), nullable=False),
+    # Why: HardBounce, SoftFailures, Complaint, Manual or Unsubscribe.
+    sa.Column("source", sa.String(32), nullable=False),
+    # Words for people: the SMTP reply or DSN status that caused it, or the operator's note.
+    sa.Column("reason", LongText, nullable=True),
+    # The message whose delivery, bounce or complaint caused it, if one did.
+    sa.Column("message_id", sa.BigInteger, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    # NULL: never expires (complaints and unsubscribes by default).
+    sa.Column("expires_at", Timestamp, nullable=True),
+    sa.UniqueConstraint("server_id", "address"),
+    # Paging a server's list newest first.
+    sa.Index(None, "server_id", "created_at"),
     **TABLE_OPTIONS,
 )
