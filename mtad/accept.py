@@ -229,6 +229,9 @@ class Acceptor:
         fields: dict[str, str] = {}
         if headers.message_id is not None:
             fields["message_id"] = headers.message_id
+        if headers.subject is not None:
+            # Delivery events (and so webhooks) name the subject; the queue keeps no other copy of it.
+            fields["subject"] = headers.subject
         if tag:
             fields["tag"] = tag
         if hold_reason:

@@ -104,6 +104,7 @@ class StreamConsumer(Service):
         self._delay = retry_delay
         #: Events still to be handled one at a time, after a batch failed ``max_failures`` times.
         self._singly = 0
+        self._last_batch = 0
         self._loop: Deferred[None] | None = None
         self._waiting: Deferred[None] | None = None
 
@@ -129,6 +130,7 @@ class StreamConsumer(Service):
         if not received:
             return parked
         batch = received[: max(1, self.handler.take(received))]
+        self._last_batch = len(batch)
         try:
             await self.handler.handle(batch)
         except Exception as e:
@@ -197,7 +199,8 @@ class StreamConsumer(Service):
         )
         if self._failures >= self.max_failures and not self._singly:
             # Find the event that fails: the batch again, one event at a time.
-            self._singly = self.batch_size
+            # As many single reads as the batch that failed had events, then batches again.
+            self._singly = self._last_batch
             self._failures = 0
 
     async def _sleep(self, delay: float) -> None:

@@ -84,6 +84,7 @@ class EventStream:
         self._claim_cursor = "0-0"
         #: Ids handed out by `read` and not acknowledged since; None until the first read (unknown).
         self._outstanding: set[str] | None = None
+        self._more_mine = False
         self._next_autoclaim = float("-inf")
 
     def ensure_group(self) -> Deferred[None]:
@@ -106,8 +107,11 @@ class EventStream:
     async def _read(self, count: int) -> list[Event]:
         if not self._group_ready:
             await self._ensure_group()
+        self._more_mine = False
         events = await self._read_unacknowledged(count)
-        self._outstanding = {e.id for e in events}
+        # A full read of this consumer's own pending entries may have left more of them behind: ask that
+        # list again next time rather than believe these are all.
+        self._outstanding = None if self._more_mine else {e.id for e in events}
         return events
 
     async def _read_unacknowledged(self, count: int) -> list[Event]:
@@ -116,6 +120,8 @@ class EventStream:
             mine = await self.client.execute(
                 "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "STREAMS", stream, "0"
             )
+            # Counted before parsing: entries trimmed away parse to nothing but still were pending.
+            self._more_mine = sum(len(entries or ()) for _stream, entries in mine or ()) >= count
             events = await self._events_of(mine)
             if events:
                 return events
