@@ -6,13 +6,13 @@ unchanged: GET, POST, PUT and PATCH alike; parameters as a JSON body or a ``para
 the server named by the ``X-Server-API-Key`` header; and always HTTP 200 with the envelope
 ``{"status": "success" | "error" | "parameter-error", "time": seconds, "flags": {}, "data": {...}}``.
 
-Sending is built for throughput: once the caches are warm, a send does no SQL at all and exactly one
-Redis call, the `Acceptor`'s, which stores the body once and one message per recipient; success is only
-answered after that call returns, so success means durable (DESIGN invariant 1). Credentials (with their
-server) and the answers of the sending-domain check are cached for ``cache_seconds`` by the clock, and
-concurrent requests that miss the cache share one lookup; a revoked key, a suspended server or a newly
-verified domain take effect within ``cache_seconds``. Recording a credential's last use is a write, so it
-runs beside the request (at most once per ``cache_seconds``), never in its way.
+Who may send what is the submission policy's (`mtad.submission.SubmissionPolicy`, shared with SMTP);
+this module asks it in Postal's order and words its answers as Postal's errors. Sending is built for
+throughput: once the policy's caches are warm, a send does no SQL at all and exactly one Redis call, the
+`Acceptor`'s, which stores the body once and one message per recipient; success is only answered after
+that call returns, so success means durable (DESIGN invariant 1). A revoked key, a suspended server or a
+newly verified domain take effect within the policy's ``cache_seconds``; recording a credential's last
+use runs beside the request, never in its way.
 
 Where we differ from Postal, on purpose:
 
@@ -48,7 +48,7 @@ import attrs
 from klein import Klein
 from sqlalchemy.engine import Connection
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -56,32 +56,19 @@ from twisted.web.iweb import IRequest
 
 from admin_api import params as p
 from admin_api.params import ParameterError
-from mtad.accept import Acceptor, ServerSuspended, headers_authenticated, parse_headers
-from mtad.caching import CachedLookups, ExpiringCache, SharedLookups
-from mtad.mail.compose import (
-    Attachment,
-    Draft,
-    Mailbox,
-    compose,
-    domain_of,
-    new_message_id,
-    received_value,
-)
+from mtad.accept import parse_headers
+from mtad.mail.compose import Attachment, Draft, compose, new_message_id, received_value
 from mtad.mail.headers import header_section
-from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
-from mtad.smtp.relay_policy import CREDENTIAL_HOLD
-from mtad.store.credentials import (
-    Credential,
-    CredentialType,
-    find_credential_by_key,
-    hash_secret,
-    touch_credential,
-)
+from mtad.store.credentials import Credential
 from mtad.store.db import Database
 from mtad.store.messages import Delivery, Message, MessageStatus, Scope, find_message, list_deliveries
 from mtad.store.raw_messages import raw_message_data
-from mtad.store.servers import Server, find_server
+from mtad.store.servers import Server
+from mtad.submission.answers import Permit, Refusal, Refused, Submitter
+from mtad.submission.credentials import find_api_credential as find_api_credential  # manage_api's
+from mtad.submission.policy import SubmissionPolicy
+from mtad.submission.unavailable import PolicyUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -119,10 +106,6 @@ PURGED_RAW_EXPANSIONS: dict[str, Any] = {
     "raw_message": "DQoNCg==\n",
 }
 
-#: How long an unknown API key is remembered as unknown: long enough to spare the database a client
-#: retrying a wrong key in a loop, short enough that a key just created works almost at once.
-UNKNOWN_KEY_SECONDS = 5.0
-
 #: A request body may be this many times the largest message (plus 1 MiB): base64 makes a message a third
 #: larger, and JSON escaping of non-ASCII text can make it larger still.
 REQUEST_SIZE_FACTOR = 2
@@ -156,22 +139,43 @@ def temporary_failure(what: str) -> APIError:
     return APIError("TemporaryFailure", f"{what} did not answer; nothing was done, try again later")
 
 
+#: Postal's error for each refusal the send API can meet (``data.code`` and ``data.message``).
+REFUSAL_ERRORS = {
+    Refusal.SERVER_SUSPENDED: ("ServerSuspended", "The mail server has been suspended"),
+    Refusal.FROM_NOT_ALLOWED: ("UnauthenticatedFromAddress", SEND_ERRORS["UnauthenticatedFromAddress"]),
+    Refusal.QUEUE_FULL: (
+        "QueueFull",
+        "The queue is out of storage; the message was not queued, try again later",
+    ),
+    Refusal.QUEUE_UNAVAILABLE: (
+        "QueueUnavailable",
+        "The queue is unavailable; the message was not queued, try again later",
+    ),
+}
+
+
+def refusal_error(refused: Refused) -> APIError:
+    """The submission policy's "no" as Postal's error."""
+    code, message = REFUSAL_ERRORS.get(
+        refused.reason, ("InvalidServerAPIKey", "The API token provided in X-Server-API-Key was not valid.")
+    )
+    return APIError(code, message)
+
+
 @attrs.frozen
 class Caller:
-    """Who is asking: the API credential, its server, and the client's address."""
+    """Who is asking: the API credential and its server (the submitter), and the client's address."""
 
-    credential: Credential
-    server: Server
+    submitter: Submitter
     client_ip: str
 
+    @property
+    def credential(self) -> Credential:
+        return self.submitter.credential
 
-def find_api_credential(conn: Connection, key: str) -> tuple[Credential, Server] | None:
-    """The API credential whose key is ``key`` and its server, read in one transaction; None if unknown."""
-    credential = find_credential_by_key(conn, CredentialType.API, key)
-    if credential is None:
-        return None
-    server = find_server(conn, credential.server_id)
-    return None if server is None else (credential, server)
+    @property
+    def server(self) -> Server:
+        return self.submitter.server
 
 
 def find_message_and_raw(conn: Connection, id: int, with_raw: bool) -> tuple[Message, bytes | None] | None:
@@ -288,9 +292,9 @@ def message_data(message: Message, wanted: frozenset[str], raw: bytes | None) ->
             "direction": message.scope.value,
             # A string, as Postal's varchar column gives it.
             "size": str(message.size),
-            # mtad does not record these yet; Postal's defaults for an ordinary message.
-            "bounce": False,
-            "bounce_for_id": 0,
+            # Postal's column defaults to 0, not null, for a message that is no bounce of ours.
+            "bounce": message.bounce,
+            "bounce_for_id": message.bounce_for_id or 0,
             "tag": message.tag,
             "received_with_ssl": message.received_with_ssl,
         }
@@ -357,18 +361,12 @@ def _client_ip(request: IRequest) -> str:
     return "127.0.0.1"
 
 
-def _never(server: Server) -> bool:
-    return False
-
-
 class LegacyAPI:
     """The ``/api/v1`` Klein app; serve ``LegacyAPI(...).app.resource()`` in the daemon's Site.
 
-    ``sending_domain_check(server, domain)`` says whether ``server`` may send as ``domain`` (a verified
-    domain of the server or its organization, or a use-for-any domain); the daemon gives one backed by
-    ``mtad.store.domains.find_sending_domain``. ``sender_allowed(server)`` says whether the Sender address
-    may authenticate a message when From does not (Postal's per-server ``allow_sender``; the daemon reads
-    ``Server.allow_sender``). Every database call and domain check is bounded by ``timeout`` seconds.
+    ``submission`` decides who may send what (credentials, may-send-as, holds) and queues what it
+    permits. ``database`` and ``queue`` answer ``messages/*``; every database call there is bounded by
+    ``timeout`` seconds.
     """
 
     app = Klein()
@@ -378,15 +376,12 @@ class LegacyAPI:
         self,
         clock: IReactorTime,
         database: Database,
-        acceptor: Acceptor,
+        submission: SubmissionPolicy,
         queue: RedisQueue,
         *,
-        sending_domain_check: Callable[[Server, str], Awaitable[bool]],
         max_message_size: int,
         hostname: str,
-        cache_seconds: float = 60.0,
         timeout: float = 30.0,
-        sender_allowed: Callable[[Server], bool] = _never,
         in_thread: InThread | None = None,
     ) -> None:
         """``in_thread`` runs CPU-heavy work (building a message with large attachments) off the reactor
@@ -394,23 +389,12 @@ class LegacyAPI:
         self.in_thread = in_thread
         self.clock = clock
         self.database = database
-        self.acceptor = acceptor
+        self.submission = submission
         self.queue = queue
-        self.sending_domain_check = sending_domain_check
         self.max_message_size = max_message_size
         self.max_request_size = REQUEST_SIZE_FACTOR * max_message_size + 1024 * 1024
         self.hostname = hostname
-        self.cache_seconds = cache_seconds
         self.timeout = timeout
-        self.sender_allowed = sender_allowed
-        self._credentials: ExpiringCache[str, tuple[Credential, Server]] = ExpiringCache(clock, cache_seconds)
-        self._unknown_keys: ExpiringCache[str, bool] = ExpiringCache(
-            clock, min(cache_seconds, UNKNOWN_KEY_SECONDS)
-        )
-        self._domains: CachedLookups[tuple[int, str], bool] = CachedLookups(clock, cache_seconds)
-        self._credential_lookups: SharedLookups[str, tuple[Credential, Server] | None] = SharedLookups()
-        #: Credentials whose last use was written less than ``cache_seconds`` ago (one write per period).
-        self._touched: ExpiringCache[int, bool] = ExpiringCache(clock, cache_seconds)
 
     # -- routes ---------------------------------------------------------------------------------------
 
@@ -446,6 +430,9 @@ class LegacyAPI:
             status, data = "error", {**e.data, "code": e.code}
         except ParameterError as e:
             status, data = "parameter-error", {"message": e.message}
+        except PolicyUnavailable as e:  # logged by the policy
+            error = temporary_failure(e.what)
+            status, data = "error", {**error.data, "code": error.code}
         except CancelledError:
             # Klein cancels the handler when the client closes the connection: nobody is left to answer.
             # A send may have been queued all the same (as when the answer is lost on the way).
@@ -496,16 +483,16 @@ class LegacyAPI:
         key = header.decode("utf-8", "replace").strip() if header else ""
         if not key:
             raise APIError("AccessDenied", "Must be authenticated as a server.")
-        found = await self._credential(key)
-        if found is None:
-            raise APIError(
-                "InvalidServerAPIKey", "The API token provided in X-Server-API-Key was not valid.", token=key
-            )
-        credential, server = found
-        if server.suspended:
-            raise APIError("ServerSuspended", "The mail server has been suspended")
-        self._record_use(credential)
-        return Caller(credential=credential, server=server, client_ip=_client_ip(request))
+        found = await self.submission.api_submitter(key)
+        if isinstance(found, Refused):
+            if found.reason is Refusal.UNKNOWN_CREDENTIAL:
+                raise APIError(
+                    "InvalidServerAPIKey",
+                    "The API token provided in X-Server-API-Key was not valid.",
+                    token=key,
+                )
+            raise refusal_error(found)
+        return Caller(submitter=found, client_ip=_client_ip(request))
 
     async def _db(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a unit of work; `TemporaryFailure` if it fails or takes more than ``timeout``."""
@@ -519,53 +506,6 @@ class LegacyAPI:
         except Exception:
             self.log.failure("legacy API: database lookup failed")
             raise temporary_failure("The database") from None
-
-    async def _credential(self, key: str) -> tuple[Credential, Server] | None:
-        digest = hash_secret(key)
-        found = self._credentials.get(digest)
-        if found is not None:
-            return found
-        if self._unknown_keys.get(digest):
-            return None
-        found = await self._credential_lookups.run(digest, lambda: self._db(find_api_credential, key))
-        if found is None:
-            self._unknown_keys.put(digest, True)
-        else:
-            self._credentials.put(digest, found)
-        return found
-
-    def _record_use(self, credential: Credential) -> None:
-        """Write the credential's last use, beside the request and at most once per ``cache_seconds``."""
-        now = self.clock.seconds()
-        recent = credential.last_used_at is not None and credential.last_used_at > now - self.cache_seconds
-        if recent or self._touched.get(credential.id):
-            return
-        self._touched.put(credential.id, True)
-        d = self.database.run(touch_credential, credential.id, now)
-        d.addErrback(
-            lambda f: self.log.failure(
-                "could not record use of credential {credential_id}", f, credential_id=credential.id
-            )
-        )
-
-    async def _domain_allowed(self, server: Server, domain: str) -> bool:
-        async def check() -> bool:
-            d = Deferred.fromCoroutine(self._check_domain(server, domain))
-            d.addTimeout(self.timeout, self.clock)
-            try:
-                return await d
-            except Exception:
-                self.log.failure("legacy API: sending domain check of {domain} failed", domain=domain)
-                raise temporary_failure("The sending domain check") from None
-
-        return await self._domains.get((server.id, domain), check)
-
-    async def _check_domain(self, server: Server, domain: str) -> bool:
-        return bool(await self.sending_domain_check(server, domain))
-
-    async def _address_allowed(self, server: Server, address: str) -> bool:
-        domain = domain_of(address)
-        return "@" in address and bool(domain) and await self._domain_allowed(server, domain)
 
     # -- send -----------------------------------------------------------------------------------------
 
@@ -586,8 +526,11 @@ class LegacyAPI:
             raise send_error("NoContent")
         if given.from_ is None:
             raise send_error("FromAddressMissing")
-        if not await self._from_authenticated(caller.server, given.from_, given.sender):
-            raise send_error("UnauthenticatedFromAddress")
+        permit = await self.submission.may_send_as(
+            caller.submitter, given.from_.address, given.sender.address if given.sender else None
+        )
+        if isinstance(permit, Refused):
+            raise refusal_error(permit)
         for attachment in given.attachments:
             if not attachment.name.strip():
                 raise send_error("AttachmentMissingName")
@@ -621,40 +564,23 @@ class LegacyAPI:
             message = compose(draft, message_id=message_id, timestamp=now, received=received)
         recipients = [m.address for m in (*given.to, *given.cc, *given.bcc)]
         mail_from = "" if given.bounce else given.from_.address
-        messages, _ = await self._accept(caller, mail_from, recipients, message, tag=given.tag)
+        messages, _ = await self._accept(permit, mail_from, recipients, message, tag=given.tag)
         return {"message_id": message_id, "messages": messages}
-
-    async def _from_authenticated(self, server: Server, from_: Mailbox, sender: Mailbox | None) -> bool:
-        """Postal's ``find_domain``: the From domain, else (where the server allows it) the Sender domain."""
-        if await self._address_allowed(server, from_.address):
-            return True
-        return (
-            sender is not None
-            and self.sender_allowed(server)
-            and await self._address_allowed(server, sender.address)
-        )
 
     async def send_raw(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         """``send/raw``: a complete message, base64, for the given envelope."""
         given = p.parse_send_raw(params)
         self._check_size(len(given.data))
-        if not await self._headers_authenticated(caller.server, given.data):
-            raise send_error("UnauthenticatedFromAddress")
+        permit = await self.submission.may_send_message(caller.submitter, given.data)
+        if isinstance(permit, Refused):
+            raise refusal_error(permit)
         recipients = list(dict.fromkeys(given.rcpt_to))
         if not recipients:
             return {"message_id": None, "messages": {}}
         mail_from = "" if given.bounce else given.mail_from
         # The Message-ID as queued: the message's own, or the one accepting added (`complete_submission`).
-        messages, message_id = await self._accept(caller, mail_from, recipients, given.data, tag=None)
+        messages, message_id = await self._accept(permit, mail_from, recipients, given.data, tag=None)
         return {"message_id": message_id, "messages": messages}
-
-    async def _headers_authenticated(self, server: Server, message: bytes) -> bool:
-        """The SMTP server's rule (`mtad.accept.headers_authenticated`), with this server's domains."""
-        return await headers_authenticated(
-            message,
-            lambda address: self._address_allowed(server, address),
-            allow_sender=self.sender_allowed(server),
-        )
 
     def _check_size(self, size: int) -> None:
         if size > self.max_message_size:
@@ -664,36 +590,21 @@ class LegacyAPI:
             )
 
     async def _accept(
-        self, caller: Caller, mail_from: str, recipients: list[str], message: bytes, *, tag: str | None
+        self, permit: Permit, mail_from: str, recipients: list[str], message: bytes, *, tag: str | None
     ) -> tuple[dict[str, dict[str, Any]], str | None]:
         """Queue ``message`` once per distinct recipient (one Redis call); Postal's ``messages`` map and
         the Message-ID the messages were queued with."""
         self._check_size(len(message))
         unique = list(dict.fromkeys(recipients))
-        try:
-            accepted = await self.acceptor.accept(
-                caller.server,
-                Scope.OUTGOING.value,
-                mail_from,
-                unique,
-                message,
-                hold_reason=CREDENTIAL_HOLD if caller.credential.hold else None,
-                tag=tag,
-                # As Postal records every message sent through its API.
-                received_with_ssl=True,
-            )
-        except ServerSuspended:
-            raise APIError("ServerSuspended", "The mail server has been suspended") from None
-        except QueueFull as e:
-            self.log.warn("legacy API: message not queued: {error}", error=str(e))
-            raise APIError(
-                "QueueFull", "The queue is out of storage; the message was not queued, try again later"
-            ) from None
-        except RedisUnavailable as e:
-            self.log.warn("legacy API: message not queued: {error}", error=str(e))
-            raise APIError(
-                "QueueUnavailable", "The queue is unavailable; the message was not queued, try again later"
-            ) from None
+        # As Postal records every message sent through its API: received_with_ssl.
+        queued = await self.submission.submit(
+            permit, mail_from, unique, message, tag=tag, received_with_ssl=True
+        )
+        if isinstance(queued, Refused):
+            if queued.detail:
+                self.log.warn("legacy API: message not queued: {error}", error=queued.detail)
+            raise refusal_error(queued)
+        accepted = queued.messages
         return {m.rcpt_to: {"id": m.id, "token": m.token} for m in accepted}, accepted[0].message_id
 
     # -- messages -------------------------------------------------------------------------------------

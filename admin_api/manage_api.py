@@ -1,4 +1,5 @@
-"""``/api/v2``: mtad's own management API, for one server at a time: held messages and webhooks.
+"""``/api/v2``: mtad's own management API, for one server at a time: held messages, webhooks and the
+suppression list.
 
 Unlike ``/api/v1`` this API owes nothing to Postal's wire format, so it speaks plain HTTP: JSON in and out,
 and the status code says what happened: 200 done; 201 created; 400 bad input, with an error naming the
@@ -20,6 +21,11 @@ reported as not held.
 
 Webhooks (`mtad.store.webhooks`) are the server's own; a webhook is named in paths by its id or its uuid.
 Their request log is read newest first in pages: each page's ``next_before`` is the ``before`` of the next.
+
+The suppression list (`mtad.store.suppressions`) is the server's own too: paged by page number with
+the total (filtered by ``source`` and an address substring ``search``), an entry named in paths by its
+address; ``GET /api/v2/suppressions/export`` streams the whole list as JSON lines or CSV
+(`mtad.suppression.export`), read in chunks of one short transaction each.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import attrs
 import sqlalchemy as sa
@@ -45,6 +52,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from admin_api.legacy_api import find_api_credential
 from admin_api.manage_openapi import OPENAPI
+from mtad.config import SuppressionConfig
 from mtad.outbound.held_actions import (
     CONCURRENCY,
     NOT_HELD,
@@ -55,13 +63,17 @@ from mtad.outbound.held_actions import (
 )
 from mtad.queue.model import RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
+from mtad.store import suppressions as suppression_store
 from mtad.store import webhooks as webhook_store
 from mtad.store.credentials import Credential, touch_credential
 from mtad.store.db import Database
 from mtad.store.db import NotFound as StoreNotFound
 from mtad.store.messages import HeldFilter, Message, held_message_ids, list_held_messages
 from mtad.store.servers import Server
+from mtad.store.suppressions import Suppression, SuppressionError
 from mtad.store.webhooks import Webhook, WebhookError, WebhookRequest
+from mtad.suppression import export as suppression_export
+from mtad.suppression.policy import expires_at as suppression_expiry
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -84,6 +96,9 @@ TOUCH_SECONDS = 60.0
 
 #: The fields of a webhook in ``POST /api/v2/webhooks`` and ``PATCH /api/v2/webhooks/{id}``.
 WEBHOOK_FIELDS = ("url", "name", "events", "enabled")
+
+#: The fields of an entry in ``POST /api/v2/suppressions``.
+SUPPRESSION_FIELDS = ("address", "source", "reason", "expires_at")
 
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -119,6 +134,10 @@ def queue_unavailable(**extra: Any) -> ManageError:
 
 def webhook_not_found(ref: str) -> ManageError:
     return ManageError(404, "WebhookNotFound", f"the server has no webhook {ref}")
+
+
+def suppression_not_found(address: str) -> ManageError:
+    return ManageError(404, "SuppressionNotFound", f"{address} is not on the server's suppression list")
 
 
 def database_unavailable() -> ManageError:
@@ -472,6 +491,85 @@ def _remove_webhook(conn: Connection, server_id: int, reference: dict[str, Any])
         return None
 
 
+@attrs.frozen
+class SuppressionQuery:
+    page: int
+    per_page: int
+    source: str | None
+    search: str | None
+
+
+def _positive_parameter(given: dict[str, str], name: str, default: int, maximum: int) -> int:
+    if name not in given:
+        return default
+    text = given[name]
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= maximum:
+        raise bad_input(name, f"`{name}` must be an integer from 1 to {maximum}")
+    return int(text)
+
+
+def parse_suppression_query(args: Mapping[bytes, list[bytes]], *, export: bool = False) -> SuppressionQuery:
+    """The query of ``GET /api/v2/suppressions``: ``page``, ``per_page``, ``source``, ``search``; of the
+    export, ``format`` (read by the caller), ``source`` and ``search``."""
+    known = ("format", "source", "search") if export else ("page", "per_page", "source", "search")
+    given = query_parameters(args, known)
+    source = given.get("source")
+    if source is not None:
+        source = suppression_store.check_source(source).value
+    search = given.get("search")
+    if search is not None:
+        search = search.strip() or None
+    return SuppressionQuery(
+        page=_positive_parameter(given, "page", 1, MAX_ID),
+        per_page=_positive_parameter(
+            given, "per_page", suppression_store.DEFAULT_PER_PAGE, suppression_store.MAX_PER_PAGE
+        ),
+        source=source,
+        search=search,
+    )
+
+
+@attrs.frozen
+class SuppressionInput:
+    address: str
+    source: suppression_store.SuppressionSource
+    reason: str | None
+    #: The expiry asked for: a time, None for never, or `webhook_store.KEEP` for the default.
+    expires_at: float | webhook_store.Keep | None
+
+
+def parse_suppression_input(body: bytes, now: float) -> SuppressionInput:
+    """A new entry: ``address`` (required), ``source`` (default ``Manual``), ``reason``, ``expires_at``
+    (a time; null: never; absent: the configured default for the source); nothing else."""
+    given = _json_body(body, 'The body must be a JSON object: {"address": ..., "reason": ...}')
+    for field in given:
+        if field not in SUPPRESSION_FIELDS:
+            raise bad_input(field, f"unknown field `{field}`; an entry has {', '.join(SUPPRESSION_FIELDS)}")
+    if "address" not in given:
+        raise bad_input("address", "`address` is required: the e-mail address not to send to")
+    address = suppression_store.check_address(given["address"])
+    source = suppression_store.check_source(given.get("source", "Manual"))
+    reason = given.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise bad_input("reason", "`reason` must be a string")
+    expires_at: float | webhook_store.Keep | None = webhook_store.KEEP
+    if "expires_at" in given:
+        expires_at = None if given["expires_at"] is None else parse_time("expires_at", given["expires_at"])
+        if expires_at is not None and expires_at <= now:
+            raise bad_input("expires_at", "`expires_at` must be in the future (or null: never)")
+    return SuppressionInput(address=address, source=source, reason=reason, expires_at=expires_at)
+
+
+def suppression_page_data(page: suppression_store.SuppressionPage) -> dict[str, Any]:
+    return {
+        "suppressions": [suppression_export.suppression_data(s) for s in page.suppressions],
+        "page": page.page,
+        "per_page": page.per_page,
+        "total": page.total,
+        "pages": page.pages,
+    }
+
+
 def route_paths(app: Klein) -> dict[str, set[str]]:
     """Every path ``app`` routes (OpenAPI's ``{name}`` for Klein's ``<name>``) with its methods, lower
     case, without the HEAD and OPTIONS that Werkzeug adds by itself."""
@@ -501,10 +599,12 @@ class ManageAPI:
         *,
         timeout: float = 30.0,
         concurrency: int = CONCURRENCY,
+        suppression: SuppressionConfig | None = None,
     ) -> None:
         self.clock = clock
         self.database = database
         self.queue = queue
+        self.suppression = suppression if suppression is not None else SuppressionConfig()
         self.timeout = timeout
         self.concurrency = concurrency
         self._document = json.dumps(OPENAPI, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -571,6 +671,28 @@ class ManageAPI:
     @app.route("/api/v2/webhook-requests", methods=["GET"])
     async def all_webhook_requests_route(self, request: IRequest) -> bytes:
         return await self._respond(request, lambda server: self.webhook_requests(server, request.args))
+
+    @app.route("/api/v2/suppressions", methods=["GET"])
+    async def list_suppressions_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, lambda server: self.list_suppressions(server, request.args))
+
+    @app.route("/api/v2/suppressions", methods=["POST"])
+    async def add_suppression_route(self, request: IRequest) -> bytes:
+        return await self._respond(
+            request, lambda server: self.add_suppression(server, request, _body(request)), status=201
+        )
+
+    @app.route("/api/v2/suppressions/export", methods=["GET"])
+    async def export_suppressions_route(self, request: IRequest) -> bytes:
+        return await self._export_suppressions(request)
+
+    @app.route("/api/v2/suppressions/<path:address>", methods=["GET"])
+    async def get_suppression_route(self, request: IRequest, address: str) -> bytes:
+        return await self._respond(request, lambda server: self.get_suppression(server, address))
+
+    @app.route("/api/v2/suppressions/<path:address>", methods=["DELETE"])
+    async def remove_suppression_route(self, request: IRequest, address: str) -> bytes:
+        return await self._respond(request, lambda server: self.remove_suppression(server, address))
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -696,6 +818,104 @@ class ManageAPI:
             raise webhook_not_found(id)
         return _request_page(found, query.limit)
 
+    async def list_suppressions(self, server: Server, args: Mapping[bytes, list[bytes]]) -> dict[str, Any]:
+        """A page of the server's suppressed addresses, newest first, with the total."""
+        query = parse_suppression_query(args)
+        page = await self._db(
+            suppression_store.list_suppressions,
+            server.id,
+            self.clock.seconds(),
+            page=query.page,
+            per_page=query.per_page,
+            source=query.source,
+            search=query.search,
+        )
+        return suppression_page_data(page)
+
+    async def add_suppression(self, server: Server, request: IRequest, body: bytes) -> dict[str, Any]:
+        """List an address for the server (merged with an entry already there); 201 with the entry."""
+        now = self.clock.seconds()
+        given = parse_suppression_input(body, now)
+        expires_at = (
+            suppression_expiry(self.suppression, given.source, now)
+            if isinstance(given.expires_at, webhook_store.Keep)
+            else given.expires_at
+        )
+        entry: Suppression = await self._db(
+            suppression_store.add_suppression,
+            server.id,
+            given.address,
+            given.source,
+            now,
+            reason=given.reason,
+            expires_at=expires_at,
+        )
+        location = f"/api/v2/suppressions/{quote(entry.address, safe='@')}"
+        request.setHeader(b"location", location.encode("ascii"))  # type: ignore[no-untyped-call]
+        return suppression_export.suppression_data(entry)
+
+    async def get_suppression(self, server: Server, address: str) -> dict[str, Any]:
+        entry = await self._db(suppression_store.find_suppression, server.id, address, self.clock.seconds())
+        if entry is None:
+            raise suppression_not_found(address)
+        return suppression_export.suppression_data(entry)
+
+    async def remove_suppression(self, server: Server, address: str) -> dict[str, Any]:
+        """Take an address off the list: mail to it is sent again (within seconds: the delivery check
+        caches answers briefly)."""
+        entry = await self._db(suppression_store.remove_suppression, server.id, address)
+        if entry is None:
+            raise suppression_not_found(address)
+        return {"address": entry.address, "deleted": True}
+
+    async def _export_suppressions(self, request: IRequest) -> bytes:
+        """The whole list as JSON lines or CSV, written a chunk at a time as it is read.
+
+        Errors before the first chunk are answered as JSON like any other; a failure after it (the
+        answer has begun) drops the connection, so the client sees a cut-off download, never a short
+        list that looks complete.
+        """
+        try:
+            server = await self._authenticate(request)
+            given = query_parameters(request.args, ("format", "source", "search"))
+            format = given.get("format", "jsonl")
+            if format not in suppression_export.FORMATS:
+                raise bad_input("format", "`format` must be jsonl or csv")
+            query = parse_suppression_query(request.args, export=True)
+            now = self.clock.seconds()
+            chunk = await self._export_chunk(server, now, 0, query)
+        except ManageError as e:
+            return self._error(request, e)
+        except SuppressionError as e:
+            return self._error(request, bad_input(e.field, e.message))
+        request.setResponseCode(200)  # type: ignore[no-untyped-call]
+        content_type = suppression_export.CONTENT_TYPES[format].encode("ascii")
+        request.setHeader(b"content-type", content_type)  # type: ignore[no-untyped-call]
+        request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+        if format == "csv":
+            request.write(suppression_export.csv_header().encode("utf-8"))  # type: ignore[no-untyped-call]
+        try:
+            while chunk:
+                request.write(suppression_export.chunk(chunk, format).encode("utf-8"))  # type: ignore[no-untyped-call]
+                chunk = await self._export_chunk(server, now, chunk[-1].id, query)
+        except Exception:
+            self.log.failure("management API: suppression export cut off")
+            request.loseConnection()  # type: ignore[attr-defined]
+        return b""
+
+    async def _export_chunk(
+        self, server: Server, now: float, after_id: int, query: SuppressionQuery
+    ) -> list[Suppression]:
+        found: list[Suppression] = await self._db(
+            suppression_store.export_suppressions,
+            server.id,
+            now,
+            after_id=after_id,
+            source=query.source,
+            search=query.search,
+        )
+        return found
+
     # -- plumbing -------------------------------------------------------------------------------------
 
     async def _respond(
@@ -708,7 +928,7 @@ class ManageAPI:
             data = await action(server)
         except ManageError as e:
             return self._error(request, e)
-        except WebhookError as e:
+        except (WebhookError, SuppressionError) as e:
             return self._error(request, bad_input(e.field, e.message))
         except CancelledError:
             # Klein cancels the handler when the client goes away: nobody is left to answer.

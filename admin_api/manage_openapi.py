@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtad.store.suppressions import MAX_PER_PAGE, SuppressionSource
 from mtad.store.webhooks import WEBHOOK_EVENTS
 
 #: Answers every authenticated operation can give besides its own.
@@ -88,6 +89,36 @@ _URL_DESCRIPTION = (
     "An http or https URL with a host, without a user name or password, whitespace or characters outside "
     "RFC 3986 (percent-encode them)."
 )
+
+
+_SUPPRESSION_SOURCES = [s.value for s in SuppressionSource]
+
+_SUPPRESSION_ADDRESS: dict[str, Any] = {
+    "name": "address",
+    "in": "path",
+    "required": True,
+    "description": "The suppressed address (any case; percent-encoded as a URL path needs).",
+    "schema": {"type": "string", "minLength": 3},
+}
+
+_SUPPRESSION_FILTERS: list[dict[str, Any]] = [
+    {
+        "name": "source",
+        "in": "query",
+        "description": "Only addresses listed for this reason.",
+        "schema": {"type": "string", "enum": _SUPPRESSION_SOURCES},
+    },
+    {
+        "name": "search",
+        "in": "query",
+        "description": "Only addresses containing this text, ignoring case.",
+        "schema": {"type": "string"},
+    },
+]
+
+_SUPPRESSION_ANSWER: dict[str, Any] = {
+    "application/json": {"schema": {"$ref": "#/components/schemas/Suppression"}}
+}
 
 
 def _one(action: str, effect: str) -> dict[str, Any]:
@@ -199,6 +230,16 @@ OPENAPI: dict[str, Any] = {
             "description": (
                 "URLs the server's events are POSTed to, signed as Postal signs them, and the log of every "
                 "attempt (kept 10 days)."
+            ),
+        },
+        {
+            "name": "suppressions",
+            "description": (
+                "Addresses the server does not send to. A message to one is not sent: it finishes at once "
+                "as HardFail, its details naming the entry, with a MessageSuppressed webhook. Addresses are "
+                "added by hard bounces saying the mailbox does not exist, by soft failures in a row, by "
+                "spam complaints and by hand; each expires after the configured days (`[suppression]`) "
+                "unless it never does (complaints and unsubscribes by default)."
             ),
         },
     ],
@@ -431,6 +472,134 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/v2/suppressions": {
+            "get": {
+                "operationId": "listSuppressions",
+                "summary": "List suppressed addresses",
+                "description": "The server's suppressed addresses, newest first, a page at a time.",
+                "tags": ["suppressions"],
+                "parameters": [
+                    {
+                        "name": "page",
+                        "in": "query",
+                        "description": "Which page, from 1.",
+                        "schema": {"type": "integer", "minimum": 1, "default": 1},
+                    },
+                    {
+                        "name": "per_page",
+                        "in": "query",
+                        "description": "Addresses a page.",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE, "default": 50},
+                    },
+                    *_SUPPRESSION_FILTERS,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page of the list, and how many addresses match in all.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/SuppressionPage"}}
+                        },
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "post": {
+                "operationId": "addSuppression",
+                "summary": "Suppress an address",
+                "description": (
+                    "Nothing more is sent to it. An address already listed keeps one entry: this cause "
+                    "replaces the older one, and the expiry only ever moves later."
+                ),
+                "tags": ["suppressions"],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/NewSuppression"}}
+                    },
+                },
+                "responses": {
+                    "201": {
+                        "description": "The entry as it is now; `Location` is its address.",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": _SUPPRESSION_ANSWER,
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+        "/api/v2/suppressions/export": {
+            "get": {
+                "operationId": "exportSuppressions",
+                "summary": "Export the whole list",
+                "description": (
+                    "Every suppressed address of the server (filtered like the list), oldest entry first, "
+                    "streamed: JSON lines (one `Suppression` object a line) or CSV with a header row "
+                    "(`address,source,reason,message_id,created_at,expires_at`, times in ISO 8601 UTC, "
+                    "empty for never). A download cut off by an error ends without its last chunk."
+                ),
+                "tags": ["suppressions"],
+                "parameters": [
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"},
+                    },
+                    *_SUPPRESSION_FILTERS,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The list.",
+                        "content": {
+                            "application/jsonl": {"schema": {"type": "string"}},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_COMMON_ERRORS,
+                },
+            }
+        },
+        "/api/v2/suppressions/{address}": {
+            "get": {
+                "operationId": "getSuppression",
+                "summary": "One suppressed address",
+                "tags": ["suppressions"],
+                "parameters": [_SUPPRESSION_ADDRESS],
+                "responses": {
+                    "200": {"description": "The entry.", "content": _SUPPRESSION_ANSWER},
+                    "404": {"$ref": "#/components/responses/SuppressionNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "delete": {
+                "operationId": "removeSuppression",
+                "summary": "Stop suppressing an address",
+                "description": "Mail to it is sent again (within seconds: delivery caches answers briefly).",
+                "tags": ["suppressions"],
+                "parameters": [_SUPPRESSION_ADDRESS],
+                "responses": {
+                    "200": {
+                        "description": "The entry was removed.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["address", "deleted"],
+                                    "properties": {
+                                        "address": {"type": "string"},
+                                        "deleted": {"type": "boolean", "const": True},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "404": {"$ref": "#/components/responses/SuppressionNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
     },
     "components": {
         "securitySchemes": {
@@ -585,6 +754,59 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
             },
+            "Suppression": {
+                "type": "object",
+                "required": ["address", "source", "reason", "message_id", "created_at", "expires_at"],
+                "properties": {
+                    "address": {"type": "string", "description": "Lower-cased."},
+                    "source": {"type": "string", "enum": _SUPPRESSION_SOURCES},
+                    "reason": {
+                        "type": ["string", "null"],
+                        "description": "The SMTP reply, DSN status or note that caused it.",
+                    },
+                    "message_id": {
+                        "type": ["integer", "null"],
+                        "description": "The message whose delivery, bounce or complaint caused it.",
+                    },
+                    "created_at": {
+                        "type": "number",
+                        "description": "When its cause happened (Unix seconds).",
+                    },
+                    "expires_at": {
+                        "type": ["number", "null"],
+                        "description": "When it expires (Unix seconds); null: never.",
+                    },
+                },
+            },
+            "SuppressionPage": {
+                "type": "object",
+                "required": ["suppressions", "page", "per_page", "total", "pages"],
+                "properties": {
+                    "suppressions": {"type": "array", "items": {"$ref": "#/components/schemas/Suppression"}},
+                    "page": {"type": "integer"},
+                    "per_page": {"type": "integer"},
+                    "total": {"type": "integer", "description": "Addresses matching in all."},
+                    "pages": {"type": "integer"},
+                },
+            },
+            "NewSuppression": {
+                "type": "object",
+                "required": ["address"],
+                "additionalProperties": False,
+                "properties": {
+                    "address": {"type": "string", "maxLength": 320},
+                    "source": {"type": "string", "enum": _SUPPRESSION_SOURCES, "default": "Manual"},
+                    "reason": {"type": ["string", "null"]},
+                    "expires_at": {
+                        "type": ["number", "string", "null"],
+                        "description": (
+                            f"When it expires: {_TIME_DESCRIPTION} Null: never. Absent: after "
+                            "`suppression.expiry_days` (`unsubscribe_expiry_days`, `complaint_expiry_days` "
+                            "for those sources)."
+                        ),
+                    },
+                },
+            },
             "Selection": {
                 "description": (
                     "Which held messages: `ids`, or filters, or `all: true` (alone or with filters); never "
@@ -649,6 +871,7 @@ OPENAPI: dict[str, Any] = {
                                     "ServerSuspended",
                                     "NotHeld",
                                     "WebhookNotFound",
+                                    "SuppressionNotFound",
                                     "NotFound",
                                     "MethodNotAllowed",
                                     "QueueUnavailable",
@@ -701,6 +924,10 @@ OPENAPI: dict[str, Any] = {
                     "The server has no such webhook: it was deleted, belongs to another server, or never "
                     "existed."
                 ),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "SuppressionNotFound": {
+                "description": "The address is not on the server's suppression list (or its entry expired).",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             },
             "Unavailable": {

@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from twisted.application.service import Service
@@ -31,11 +31,16 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from admin_api.jwks import JWKSApp
 from admin_api.legacy_api import LegacyAPI
 from admin_api.manage_api import ManageAPI
 from admin_api.site import make_site
 from admin_api.status import StatusApp
 from mtad.accept import Acceptor
+from mtad.bounces.inbox import BounceInbox
+from mtad.bounces.matching import ReturnPathDomains
+from mtad.bounces.processor import BounceProcessor
+from mtad.bounces.return_path import ReturnPath, verp_secret
 from mtad.config import Config
 from mtad.domains.dns_check import DomainDNSChecker
 from mtad.events.archive import ArchiveCatchUp
@@ -67,11 +72,26 @@ from mtad.store.domains import find_sending_domain
 from mtad.store.migrate import schema_problem, upgrade_schema
 from mtad.store.raw_messages import RawMessageRetention
 from mtad.store.servers import Server
+from mtad.store.suppressions import SuppressionExpiry
+from mtad.store.webhooks import WebhookRequestRetention
+from mtad.submission.policy import SubmissionPolicy
+from mtad.suppression.lookup import SuppressionLookup
+from mtad.suppression.trigger import GROUP as SUPPRESSION_GROUP
+from mtad.suppression.trigger import SuppressionTrigger
 from mtad.tls import ensure_self_signed, server_context
+from mtad.webhooks.dispatcher import DispatchSettings, WebhookDispatcher
+from mtad.webhooks.guard import parse_networks
+from mtad.webhooks.queue import WebhookQueue
+from mtad.webhooks.sender import SenderSettings, WebhookSender, guarded_agent
+from mtad.webhooks.signing import WebhookSigner
+from mtad.webhooks.trigger import GROUP as WEBHOOKS_GROUP
+from mtad.webhooks.trigger import WebhookTrigger
 
 #: Every consumer group of the event stream: created at start by every process, so that the stream is
 #: never trimmed past a group before it exists.
-CONSUMER_GROUPS = (RECORDER_GROUP,)
+CONSUMER_GROUPS = (RECORDER_GROUP, WEBHOOKS_GROUP, SUPPRESSION_GROUP)
+
+T = TypeVar("T")
 
 #: Seconds open SMTP sessions may take to finish after the listeners close on shutdown.
 SMTP_GRACE_SECONDS = 10.0
@@ -107,6 +127,11 @@ class MtadService(Service):
         self.database: Database | None = None
         self.delivery: DeliveryService | None = None
         self.stream: StreamMaintenance | None = None
+        self.webhook_queue: WebhookQueue | None = None
+        self.webhook_signer: WebhookSigner | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self.bounce_inbox: BounceInbox | None = None
+        self.verp_secret = b""
 
     # -- start --------------------------------------------------------------------------------------------
 
@@ -185,6 +210,8 @@ class MtadService(Service):
         )
         recorder.startService()
         self._on_stop("recorder", recorder.stopService)
+        self._start_webhooks(self.redis, self.database)
+        self._start_feedback(self.redis, self.queue, self.database)
         self.stream = StreamMaintenance(self.redis)
         trim = StreamTrim(self._reactor, self.stream, CONSUMER_GROUPS, interval=events.trim_interval)
         trim.startService()
@@ -270,6 +297,91 @@ class MtadService(Service):
                 url=self.config.redis.url,
             )
 
+    def _start_webhooks(self, redis: RedisClient, database: Database) -> None:
+        """The ``webhooks`` consumer (events to queued requests) and the dispatcher (queued requests to
+        signed POSTs), in every process: requests are leased from Redis, so processes share the work."""
+        config = self.config.webhooks
+        path = Path(config.signing_key) if config.signing_key else self.config.data_path / "signing.key"
+        try:
+            self.webhook_signer = WebhookSigner.load_or_create(path)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"webhooks.signing_key: cannot use {path}: {e}") from e
+        self.webhook_queue = WebhookQueue(redis)
+        trigger = StreamConsumer(
+            self._stream(WEBHOOKS_GROUP),
+            WebhookTrigger(database, self.webhook_queue, self._reactor),
+            self._reactor,
+            idle_delay=self.config.events.poll_interval,
+        )
+        trigger.startService()
+        self._on_stop("webhook trigger", trigger.stopService)
+        agent = guarded_agent(
+            self._reactor, self._reactor.nameResolver, parse_networks(config.allowed_networks)
+        )
+        sender = WebhookSender(
+            agent,
+            self._reactor,
+            self.webhook_signer,
+            SenderSettings(timeout=config.timeout, per_url_concurrency=config.per_url_concurrency),
+            in_thread=self._in_thread,
+        )
+        self.webhooks = WebhookDispatcher(
+            self._reactor,
+            self.webhook_queue,
+            database,
+            sender,
+            DispatchSettings(
+                concurrency=config.concurrency,
+                retry_delays=config.retry_delays,
+                poll_interval=self.config.events.poll_interval,
+            ),
+        )
+        self.webhooks.startService()
+        self._on_stop("webhook dispatcher", self.webhooks.stopService)
+        retention = WebhookRequestRetention(
+            self._reactor,
+            database,
+            config.request_log_days * 86400,
+            interval=self.config.retention.sweep_interval,
+        )
+        retention.startService()
+        self._on_stop("webhook request retention", retention.stopService)
+
+    def _start_feedback(self, redis: RedisClient, queue: RedisQueue, database: Database) -> None:
+        """Bounces (the inbox the SMTP server fills, the processor that matches them to messages) and the
+        suppression list (its ``suppression`` consumer and the expiry sweep), in every process."""
+        config = self.config
+        try:
+            self.verp_secret = verp_secret(config.domains.verp_secret, config.data_path)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"domains.verp_secret: {e}") from e
+        self.bounce_inbox = BounceInbox(redis, self._reactor, queue.keys)
+        processor = BounceProcessor(
+            self.bounce_inbox,
+            database,
+            self._reactor,
+            self._in_thread,
+            secret=self.verp_secret,
+            domains=ReturnPathDomains(config.domains.return_path_domain, config.domains.return_path_prefix),
+        )
+        processor.startService()
+        self._on_stop("bounce processor", processor.stopService)
+        suppression = StreamConsumer(
+            self._stream(SUPPRESSION_GROUP),
+            SuppressionTrigger(database, redis, queue.keys, self._reactor, config.suppression),
+            self._reactor,
+            idle_delay=config.events.poll_interval,
+        )
+        suppression.startService()
+        self._on_stop("suppression trigger", suppression.stopService)
+        expiry = SuppressionExpiry(self._reactor, database, interval=config.retention.sweep_interval)
+        expiry.startService()
+        self._on_stop("suppression expiry", expiry.stopService)
+
+    def _in_thread(self, fn: Callable[[], T]) -> Deferred[T]:
+        """Runs ``fn`` in the reactor's threadpool (CPU work that would stall the reactor: signing)."""
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn)
+
     def _stream(self, group: str) -> EventStream:
         """This process's consumer in ``group``."""
         assert self.redis is not None
@@ -350,6 +462,7 @@ class MtadService(Service):
             retry=RetryPolicy(base=retry.base_delay, factor=retry.factor, max_attempts=retry.max_attempts),
             hold_seconds=delivery.hold_days * 86400,
             default_pool=delivery.default_pool,
+            return_path=ReturnPath(self.verp_secret, config.domains.return_path_domain),
         )
         try:
             assert self.database is not None
@@ -360,7 +473,16 @@ class MtadService(Service):
                 sign_elsewhere=sign_elsewhere,
             )
             return DeliveryService(
-                self._reactor, queue, deliverer, pools, settings, self.owner, sign=signer.sign
+                self._reactor,
+                queue,
+                deliverer,
+                pools,
+                settings,
+                self.owner,
+                sign=signer.sign,
+                suppressions=SuppressionLookup(
+                    self.database, self._reactor, cache_seconds=config.suppression.lookup_cache_seconds
+                ),
             )
         except ValueError as e:
             raise StartupError(f"delivery: {e}") from e
@@ -411,12 +533,14 @@ class MtadService(Service):
             for listener in smtp.listeners
             if listener.tls == "none" and not listener.allow_plaintext_auth
         )
+        assert self.bounce_inbox is not None
         policy = RelayPolicy(
             self._reactor,
-            database,
-            acceptor,
-            sending_domain_check=self._may_send_from,
+            SubmissionPolicy(self._reactor, database, acceptor, sending_domain_check=self._may_send_from),
             listeners_without_auth=without_auth,
+            # Bounces come back to the return path domain from anyone, unauthenticated; parsed, not relayed.
+            return_path_domains=frozenset({config.domains.return_path_domain}),
+            bounce_sink=self.bounce_inbox,
         )
         # One failed-AUTH count per client IP for all listeners and all processes sharing this Redis.
         assert self.redis is not None
@@ -493,23 +617,28 @@ class MtadService(Service):
             signing=self.signing_pool.status if self.signing_pool is not None else None,
             events=self.stream,
             events_alarm_length=config.events.stream_alarm_length,
+            webhooks=self.webhook_queue.depth if self.webhook_queue is not None else None,
         )
 
         legacy = LegacyAPI(
             self._reactor,
             database,
-            acceptor,
+            # Sender may stand in for From where the server has allow_sender (the policy's default).
+            SubmissionPolicy(self._reactor, database, acceptor, sending_domain_check=self._may_send_from),
             queue,
-            sending_domain_check=self._may_send_from,
-            sender_allowed=lambda server: server.allow_sender,
             max_message_size=config.smtp.max_message_size,
             hostname=config.general.hostname,
-            in_thread=lambda fn: deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn),
+            in_thread=self._in_thread,
         )
-        manage = ManageAPI(self._reactor, database, queue)
+        manage = ManageAPI(self._reactor, database, queue, suppression=config.suppression)
         site = make_site(
             [
                 (b"/status", StatusApp(reporter).app.resource()),
+                *(
+                    [(b"/.well-known/jwks.json", JWKSApp(self.webhook_signer).app.resource())]
+                    if self.webhook_signer is not None
+                    else []
+                ),
                 (b"/api/v1/", legacy.app.resource()),
                 (b"/api/v2/", manage.app.resource()),
             ],

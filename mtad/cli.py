@@ -13,6 +13,7 @@ reactor in this process for the duration of the command (`reactor_runner`, given
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -44,9 +45,13 @@ from mtad.store import domains as domain_store
 from mtad.store import messages as message_store
 from mtad.store import organizations as organization_store
 from mtad.store import servers as server_store
+from mtad.store import suppressions as suppression_store
 from mtad.store import webhooks as webhook_store
 from mtad.store.db import StoreError, make_engine
 from mtad.store.migrate import head_revision, schema_problem, schema_revision, upgrade_schema
+from mtad.suppression import export as suppression_export
+from mtad.suppression.policy import expires_at as suppression_expiry
+from mtad.webhooks.signing import WebhookSigner
 
 T = TypeVar("T")
 
@@ -667,6 +672,17 @@ class _Commands:
         if not webhook.enabled:
             self.print(f"disabled: `mtad set-webhook {webhook.id} --enable` starts sending to it")
 
+    def webhook_key(self, args: argparse.Namespace) -> None:
+        """The public half of the webhook signing key, as django-anymail's ``WEBHOOK_KEY`` takes it (the
+        daemon creates the key on first start; this creates it too, so it can be set before)."""
+        webhooks = self.config.webhooks
+        path = Path(webhooks.signing_key) if webhooks.signing_key else self.config.data_path / "signing.key"
+        try:
+            signer = WebhookSigner.load_or_create(path)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"webhooks.signing_key: cannot use {path}: {e}") from e
+        self.print(signer.public_key_for_anymail())
+
     def list_webhooks(self, args: argparse.Namespace) -> None:
         def load(conn: Connection) -> tuple[dict[int, str], list[webhook_store.Webhook]]:
             names = {s.id: s.full_permalink for s in server_store.list_servers(conn)}
@@ -760,6 +776,97 @@ class _Commands:
         if more:
             self.print(f"(more: --before {found[-1].id})")
 
+    # Suppressions.
+
+    def add_suppression(self, args: argparse.Namespace) -> None:
+        now = time.time()
+        source = suppression_store.SuppressionSource(args.source)
+        if args.never:
+            expires_at = None
+        elif args.days is not None:
+            expires_at = now + args.days * 86400
+        else:
+            expires_at = suppression_expiry(self.config.suppression, source, now)
+
+        def add(conn: Connection) -> tuple[server_store.Server, suppression_store.Suppression]:
+            server = server_store.get_server_by_name(conn, args.server)
+            added = suppression_store.add_suppression(
+                conn, server.id, args.address, source, now, reason=args.reason, expires_at=expires_at
+            )
+            return server, added
+
+        server, added = self.transaction(add)
+        self.print(
+            f"{added.address} is suppressed for {server.full_permalink} ({added.source.value}) "
+            f"{_until(added.expires_at)}"
+        )
+
+    def remove_suppression(self, args: argparse.Namespace) -> None:
+        def remove(conn: Connection) -> tuple[server_store.Server, suppression_store.Suppression | None]:
+            server = server_store.get_server_by_name(conn, args.server)
+            return server, suppression_store.remove_suppression(conn, server.id, args.address)
+
+        server, removed = self.transaction(remove)
+        if removed is None:
+            raise CommandError(f"{args.address} is not on the suppression list of {server.full_permalink}")
+        self.print(f"{removed.address} removed from the suppression list of {server.full_permalink}")
+
+    def list_suppressions(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> suppression_store.SuppressionPage:
+            server = server_store.get_server_by_name(conn, args.server)
+            return suppression_store.list_suppressions(
+                conn,
+                server.id,
+                time.time(),
+                page=args.page,
+                per_page=args.per_page,
+                source=args.source,
+                search=args.search,
+            )
+
+        page = self.transaction(load)
+        if not page.suppressions:
+            self.print("no suppressed addresses" + (f" on page {page.page}" if page.total else ""))
+        else:
+            self._table(
+                ["ADDRESS", "SOURCE", "SINCE", "UNTIL", "MESSAGE", "REASON"],
+                [
+                    [
+                        s.address,
+                        s.source.value,
+                        _format_time(s.created_at),
+                        "never expires" if s.expires_at is None else _format_time(s.expires_at),
+                        "-" if s.message_id is None else str(s.message_id),
+                        _shorten(s.reason or "", 60),
+                    ]
+                    for s in page.suppressions
+                ],
+            )
+        self.print(f"page {page.page} of {page.pages} ({page.total} suppressed addresses)")
+
+    def export_suppressions(self, args: argparse.Namespace) -> None:
+        """The whole list, in chunks of one short transaction each (`export_suppressions`)."""
+        server = self.transaction(lambda conn: server_store.get_server_by_name(conn, args.server))
+        now = time.time()
+        if args.format == "csv":
+            self.out.write(suppression_export.csv_header())
+        after_id = 0
+        while True:
+            chunk = self.transaction(
+                functools.partial(
+                    suppression_store.export_suppressions,
+                    server_id=server.id,
+                    now=now,
+                    after_id=after_id,
+                    source=args.source,
+                    search=args.search,
+                )
+            )
+            if not chunk:
+                break
+            self.out.write(suppression_export.chunk(chunk, args.format))
+            after_id = chunk[-1].id
+
     def _table(self, header: list[str], rows: list[list[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
         for row in [header, *rows]:
@@ -770,6 +877,10 @@ def _format_time(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _until(expires_at: float | None) -> str:
+    return "until removed (it never expires)" if expires_at is None else f"until {_format_time(expires_at)}"
 
 
 def _shorten(text: str, width: int) -> str:
@@ -939,6 +1050,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="every held message (that matches the filters)")
 
     _webhook_commands(commands)
+    _suppression_commands(commands)
     return parser
 
 
@@ -960,6 +1072,10 @@ def _webhook_commands(commands: Any) -> None:
     )
     p.add_argument(
         "--disabled", dest="enabled", action="store_false", help="add it without sending to it yet"
+    )
+
+    commands.add_parser(
+        "webhook-key", help="print the webhook signing key's public half (django-anymail's WEBHOOK_KEY)"
     )
 
     p = commands.add_parser("list-webhooks", help="list webhooks")
@@ -989,6 +1105,72 @@ def _webhook_commands(commands: Any) -> None:
     p.add_argument("--uuid", metavar="UUID", help="the attempts to send one event (its payload's uuid)")
     p.add_argument("--before", metavar="ID", type=int, help="older than the request with this id (next page)")
     p.add_argument("--limit", type=_positive, default=50, help="show at most this many (default 50)")
+
+
+_SOURCES = [s.value for s in suppression_store.SuppressionSource]
+
+
+def _positive_days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
+    return value
+
+
+def _suppression_commands(commands: Any) -> None:
+    p = commands.add_parser(
+        "add-suppression", help="add an address to a server's suppression list: nothing is sent to it"
+    )
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument("address", metavar="ADDRESS")
+    p.add_argument("--reason", help="a note saying why (shown in the message's delivery details)")
+    p.add_argument("--source", choices=_SOURCES, default="Manual", help="why it is listed (default Manual)")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--days",
+        type=_positive_days,
+        help="expire after this many days (default: suppression.expiry_days, or "
+        "unsubscribe/complaint_expiry_days for those sources)",
+    )
+    expiry.add_argument("--never", action="store_true", help="never expire")
+
+    p = commands.add_parser("remove-suppression", help="take an address off a server's suppression list")
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument("address", metavar="ADDRESS")
+
+    p = commands.add_parser(
+        "list-suppressions", help="a server's suppressed addresses, newest first, a page at a time"
+    )
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument("--page", type=_positive, default=1, help="which page (default 1)")
+    p.add_argument(
+        "--per-page",
+        type=_positive,
+        default=suppression_store.DEFAULT_PER_PAGE,
+        help=f"addresses a page (default {suppression_store.DEFAULT_PER_PAGE}, "
+        f"at most {suppression_store.MAX_PER_PAGE})",
+    )
+    _suppression_filters(p)
+
+    p = commands.add_parser(
+        "export-suppressions", help="write a server's whole suppression list to stdout (JSON lines or CSV)"
+    )
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument(
+        "--format",
+        choices=suppression_export.FORMATS,
+        default="jsonl",
+        help="jsonl: one JSON object a line (Unix seconds); csv: with a header, ISO 8601 UTC times",
+    )
+    _suppression_filters(p)
+
+
+def _suppression_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=_SOURCES, help="only addresses listed for this reason")
+    p.add_argument("--search", metavar="TEXT", help="only addresses containing TEXT (ignoring case)")
 
 
 def _held_filters(p: argparse.ArgumentParser) -> None:

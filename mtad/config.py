@@ -49,6 +49,12 @@ def _at_least_1024(value: Any) -> str | None:
     return None if value >= 1024 else "must be at least 1024"
 
 
+def _secret_or_empty(value: Any) -> str | None:
+    if value == "" or len(value) >= 16:
+        return None
+    return "must be empty (generated in data_dir) or at least 16 characters"
+
+
 def _check(validator: Callable[[Any], str | None]) -> dict[str, Any]:
     return {"check": validator}
 
@@ -173,6 +179,11 @@ class DomainsConfig:
     #: Return-path CNAMEs (``<return_path_prefix>.<domain>``) point here.
     return_path_domain: str = "rp.postal.example.com"
     return_path_prefix: str = "psrp"
+    #: The key of the HMAC that signs each message's VERP return path (`mtad.mail.verp`), so that a bounce
+    #: to a made-up address marks nothing; empty: generated once in ``data_dir`` (``verp.secret``). Every
+    #: process that sends or reads bounces must have the same one: on several machines, set it here (or
+    #: share the file); changing it orphans the bounces of mail already sent.
+    verp_secret: str = attrs.field(default="", repr=False, metadata=_check(_secret_or_empty))
     #: MX hosts published for inbound mail to a domain, with this preference.
     mx_records: tuple[str, ...] = ("mx1.postal.example.com", "mx2.postal.example.com")
     mx_priority: int = attrs.field(default=10, metadata=_check(_not_negative))
@@ -265,6 +276,27 @@ class WebhooksConfig:
 
 
 @attrs.frozen
+class SuppressionConfig:
+    """``[suppression]``: each server's list of addresses it does not send to (`mtad.suppression`)."""
+
+    #: Days an address stays suppressed after a hard bounce, repeated soft failures or an operator's
+    #: ``add-suppression`` without ``--days`` (Postal: 30). 0: never expires.
+    expiry_days: float = attrs.field(default=30.0, metadata=_check(_not_negative))
+    #: Soft failures in a row (each a retry the recipient's server answered with a temporary error,
+    #: with no delivery between) after which the address is suppressed. Reputation and spam-content
+    #: refusals never count.
+    soft_fail_threshold: int = attrs.field(default=5, metadata=_check(_positive))
+    #: Days an address stays suppressed after a spam complaint. 0: never expires.
+    complaint_expiry_days: float = attrs.field(default=0.0, metadata=_check(_not_negative))
+    #: Days an address stays suppressed after it unsubscribed. 0: never expires.
+    unsubscribe_expiry_days: float = attrs.field(default=0.0, metadata=_check(_not_negative))
+    #: Seconds each process keeps the answer for an address (listed or not) before asking SQL again: a
+    #: new entry takes up to this long to stop deliveries in a process that asked just before. 0: ask
+    #: for every batch.
+    lookup_cache_seconds: float = attrs.field(default=15.0, metadata=_check(_not_negative))
+
+
+@attrs.frozen
 class SourceAddressConfig:
     #: Local address outbound connections bind to.
     ip: str
@@ -291,6 +323,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     events: EventsConfig = EventsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
     #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
     #: source address and ``general.hostname`` as HELO name.
     ip_pools: tuple[IPPoolConfig, ...] = ()

@@ -51,9 +51,11 @@ class StatusReporter:
         signing: Callable[[], dict[str, int]] | None = None,
         events: EventsProbe | None = None,
         events_alarm_length: int = 1_000_000,
+        webhooks: Callable[[], Deferred[dict[str, int]]] | None = None,
     ) -> None:
         """``signing`` reports the DKIM signing workers; None when this process signs inline or does not
-        deliver. ``events`` reports the event stream, with an alarm above ``events_alarm_length``."""
+        deliver. ``events`` reports the event stream, with an alarm above ``events_alarm_length``.
+        ``webhooks`` counts the webhook requests waiting (due or retrying later) and being sent."""
         self._clock = clock
         self._queue = queue
         self._database_ping = database_ping
@@ -63,6 +65,7 @@ class StatusReporter:
         self._signing = signing
         self._events = events
         self._events_alarm_length = events_alarm_length
+        self._webhooks = webhooks
         self.started_at = clock.seconds()
 
     def report(self) -> Deferred[dict[str, Any]]:
@@ -92,6 +95,7 @@ class StatusReporter:
             redis["reachable"] = False
             redis["error"] = str(e) or type(e).__name__
         events = await self._events_report() if redis.get("reachable") else None
+        webhooks = await self._webhooks_report() if redis.get("reachable") else None
         database: dict[str, Any]
         try:
             await self._bounded(Deferred.fromCoroutine(_awaitable(self._database_ping())))
@@ -108,7 +112,18 @@ class StatusReporter:
             "listeners": [attrs.asdict(listener) for listener in self._listeners],
             "signing_workers": self._signing() if self._signing is not None else None,
             "events": events,
+            "webhooks": webhooks,
         }
+
+    async def _webhooks_report(self) -> dict[str, Any] | None:
+        if self._webhooks is None:
+            return None
+        try:
+            depth: dict[str, Any] = await self._bounded(self._webhooks())
+        except Exception as e:
+            self.log.warn("status: webhook queue probe failed: {error}", error=str(e))
+            return {"error": str(e) or type(e).__name__}
+        return depth
 
     async def _events_report(self) -> dict[str, Any] | None:
         """The stream's length against its alarm bound, each consumer group's backlog, parked events."""

@@ -102,6 +102,8 @@ def parse_queued(event: Event | Received) -> Message:
         timestamp=queued.timestamp,
         received_with_ssl=queued.received_with_ssl,
         raw_message_id=queued.raw_message_id,
+        bounce=queued.bounce,
+        bounce_for_id=queued.bounce_for_id,
     )
 
 
@@ -175,7 +177,10 @@ def record_events(
     they must for deliveries another recorder commits first; so the batch's messages are written with one
     statement and its deliveries with another (executemany), whatever their order in the stream: fewer
     statements per batch, and rows taken in one order. ``bodies`` are the raw messages the queued events
-    name, by id (see `raw_message_ids`); each is stored once. Events of other types are skipped.
+    name, by id (see `raw_message_ids`); each is stored once. Events of other types are skipped: among
+    them ``message.bounced`` and ``message.complaint``, whose rows (the report as an incoming message with
+    ``bounce``/``bounce_for_id``, the original's ``Bounced`` delivery) come as queued and delivery events
+    written with them (`mtad.bounces.matching`).
     """
     queued: list[Message] = []
     attempts: list[DeliveryAttempt] = []

@@ -29,6 +29,8 @@ DELIVERY_STATUSES = frozenset(
     {"Pending", "Sent", "SoftFail", "HardFail", "Held", "Bounced", "HoldCancelled", "Processed", "Error"}
 )
 SCOPES = frozenset({"outgoing", "incoming"})
+#: Why an address is suppressed (``mtad.store.suppressions.SuppressionSource`` holds the same values).
+SUPPRESSION_SOURCES = frozenset({"HardBounce", "SoftFailures", "Complaint", "Manual", "Unsubscribe"})
 
 
 class BadEvent(ValueError):
@@ -67,6 +69,11 @@ class MessageQueued:
     message_id: str | None = None
     tag: str | None = None
     received_with_ssl: bool = False
+    #: A report that came back to a return path (DSN, complaint, other bounce), recorded as an incoming
+    #: message by `mtad.bounces.processor`; ``bounce_for_id`` is the message it was matched to (Postal's
+    #: columns of those names).
+    bounce: bool = False
+    bounce_for_id: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -105,6 +112,128 @@ class MessageDelivery:
     tag: str | None = None
     #: When the message was accepted (Postal's message ``timestamp`` in webhooks).
     message_timestamp: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class MessageSuppressed:
+    """A message was not sent because its recipient is on its server's suppression list.
+
+    Written with the message's ``HardFail`` delivery, in the same step (`mtad.outbound.delivery`).
+    ``source``, ``reason``, ``suppressed_at`` and ``expires_at`` (None: never) are the list entry's;
+    the envelope fields name the message for webhooks, as in `MessageDelivery`.
+    """
+
+    TYPE: ClassVar[str] = "message.suppressed"
+
+    message_id: int
+    server_id: int
+    rcpt_to: str
+    source: str = attrs.field(metadata=_choices(*SUPPRESSION_SOURCES))
+    reason: str | None = None
+    timestamp: float
+    suppressed_at: float | None = None
+    expires_at: float | None = None
+    #: The delivery's details (what the ``HardFail`` says).
+    details: str | None = None
+    token: str | None = None
+    scope: str | None = attrs.field(default=None, metadata=_choices(*SCOPES))
+    mail_from: str | None = None
+    subject: str | None = None
+    header_message_id: str | None = None
+    tag: str | None = None
+    message_timestamp: float | None = None
+
+
+#: What a bounce says of its recipient (``mtad.outbound.classify.Category`` holds the same values).
+BOUNCE_CATEGORIES = frozenset(
+    {
+        "bad_mailbox",
+        "mailbox_full",
+        "message_too_large",
+        "policy_block",
+        "spam_content",
+        "dns_failure",
+        "transient",
+        "unknown",
+    }
+)
+
+
+@attrs.frozen(kw_only=True)
+class MessageBounced:
+    """A bounce (RFC 3464 DSN or another MTA's failure report) came back for a message we sent.
+
+    Written by `mtad.bounces.processor` with the original's ``Bounced`` delivery and the bounce's own
+    ``message.queued`` (``bounce_id``: the bounce recorded as an incoming message), in one step.
+    ``hard``: a permanent failure; ``category`` (`mtad.outbound.classify`) says whether it speaks about
+    the recipient (``bad_mailbox``) or about us (``policy_block``: a block list, our reputation), so only
+    the first may suppress the address. ``status``, ``diagnostic`` and ``remote_mta`` are the DSN's.
+    The envelope fields name both messages for webhooks (Postal's ``MessageBounced`` payload), as in
+    `MessageDelivery`: the original's unprefixed, the bounce's prefixed ``bounce_``.
+    """
+
+    TYPE: ClassVar[str] = "message.bounced"
+
+    message_id: int
+    server_id: int
+    rcpt_to: str
+    bounce_id: int
+    hard: bool
+    category: str = attrs.field(metadata=_choices(*BOUNCE_CATEGORIES))
+    status: str | None = None
+    diagnostic: str | None = None
+    remote_mta: str | None = None
+    timestamp: float
+    #: The SMTP code the diagnostic quotes, the DSN's Action, the classification rule that decided.
+    code: int | None = None
+    action: str | None = None
+    rule: str | None = None
+    token: str | None = None
+    scope: str | None = attrs.field(default=None, metadata=_choices(*SCOPES))
+    mail_from: str | None = None
+    subject: str | None = None
+    header_message_id: str | None = None
+    tag: str | None = None
+    message_timestamp: float | None = None
+    bounce_token: str | None = None
+    bounce_mail_from: str | None = None
+    bounce_rcpt_to: str | None = None
+    bounce_subject: str | None = None
+    bounce_header_message_id: str | None = None
+    bounce_timestamp: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SpamComplaint:
+    """A recipient reported a message we sent as spam: an RFC 5965 ARF feedback report came back.
+
+    ``feedback_type`` is the report's Feedback-Type (``abuse``, ``fraud``, ...; RFC 5965 §7.3).
+    ``bounce_id`` is the report recorded as an incoming message. Envelope fields as in `MessageBounced`.
+    """
+
+    TYPE: ClassVar[str] = "message.complaint"
+
+    message_id: int
+    server_id: int
+    rcpt_to: str
+    feedback_type: str
+    bounce_id: int | None = None
+    timestamp: float
+    user_agent: str | None = None
+    source_ip: str | None = None
+    token: str | None = None
+    scope: str | None = attrs.field(default=None, metadata=_choices(*SCOPES))
+    mail_from: str | None = None
+    subject: str | None = None
+    header_message_id: str | None = None
+    tag: str | None = None
+    message_timestamp: float | None = None
+    bounce_token: str | None = None
+    bounce_mail_from: str | None = None
+    bounce_rcpt_to: str | None = None
+    bounce_subject: str | None = None
+    bounce_header_message_id: str | None = None
+    bounce_timestamp: float | None = None
 
 
 class QueuedMessage(Protocol):
@@ -155,9 +284,12 @@ def delivery_event(
     )
 
 
-AnyEvent: TypeAlias = MessageQueued | MessageDelivery
+AnyEvent: TypeAlias = MessageQueued | MessageDelivery | MessageSuppressed | MessageBounced | SpamComplaint
 
-EVENT_CLASSES: dict[str, type[AnyEvent]] = {cls.TYPE: cls for cls in (MessageQueued, MessageDelivery)}
+EVENT_CLASSES: dict[str, type[AnyEvent]] = {
+    cls.TYPE: cls
+    for cls in (MessageQueued, MessageDelivery, MessageSuppressed, MessageBounced, SpamComplaint)
+}
 
 
 @attrs.frozen

@@ -10,6 +10,9 @@ Every claimed message leaves the service settled in exactly one way (DESIGN.md i
   attempts are used up;
 - ``hold_reason`` set by the accept path (development mode, held credential): moved to the held set
   with a ``Held`` event, never delivered;
+- recipient on its server's suppression list (when the service has a `SuppressionCheck`): acknowledged
+  at once as ``HardFail``, its details naming the entry, with a ``message.suppressed`` event appended in
+  the same step; never connected to;
 - throttled (no connection slot anywhere): released, due again in ``retry_in`` seconds — no attempt
   counted, no event;
 - the deliverer raised (a bug): a ``SoftFail`` like any other, so it is retried on the schedule and
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import secrets
 import string
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -35,7 +39,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtad.events.schema import MessageDelivery, delivery_event
+from mtad.bounces.return_path import ReturnPath
+from mtad.events.schema import MessageDelivery, MessageSuppressed, delivery_event
 from mtad.outbound.deliverer import BatchOutcome, DeliveryResult, RecipientResult
 from mtad.outbound.pools import IPPool
 from mtad.outbound.retry import DEFAULT_POLICY, RetryPolicy, backoff, max_attempts_details
@@ -43,11 +48,21 @@ from mtad.queue.model import ClaimedMessage, RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.client import OutgoingMessage
 from mtad.store.messages import MessageStatus
+from mtad.store.suppressions import Suppression
 
 #: The message hash field the accept path sets to hold a message instead of delivering it.
 HOLD_REASON_FIELD = "hold_reason"
 
 _Work = Coroutine[Any, Any, None]
+
+
+class SuppressionCheck(Protocol):
+    """What the service needs to keep mail from suppressed recipients
+    (`mtad.suppression.lookup.SuppressionLookup`)."""
+
+    async def suppressed(self, messages: Sequence[ClaimedMessage]) -> Mapping[int, Suppression]:
+        """The messages whose recipient is suppressed now, by message id, with the list entry."""
+        ...
 
 
 class BatchDeliverer(Protocol):
@@ -66,6 +81,8 @@ class DeliverySettings:
     ``lease_seconds`` is the lease a claim takes (extended while a delivery runs); ``poll_interval`` is
     the wait when nothing is due; ``hold_seconds`` is how long a held message is kept (Postal: 7 days);
     ``drain_timeout`` bounds how long shutdown waits for deliveries before releasing their leases.
+    ``return_path`` gives each message its own VERP envelope sender (`mtad.bounces.return_path`), so its
+    bounces find it; None sends with the message's own ``mail_from``.
     """
 
     concurrency: int = 200
@@ -76,6 +93,7 @@ class DeliverySettings:
     hold_seconds: float = 7 * 86400.0
     default_pool: str = "default"
     drain_timeout: float = 30.0
+    return_path: ReturnPath | None = None
 
     def __attrs_post_init__(self) -> None:
         problems: list[str] = []
@@ -142,6 +160,22 @@ def retry_wording(seconds: float) -> str:
     return f"{round(seconds / 3600, 1):g} hours"
 
 
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def suppressed_details(rcpt_to: str, suppression: Suppression) -> str:
+    """A suppressed message's delivery details: which entry, why, since and until when (Postal's words
+    for its hold, "Recipient (x) is on the suppression list (reason: ...)", with the rest added)."""
+    reason = " ".join((suppression.reason or "").split())
+    why = f"source: {suppression.source.value}" + (f", reason: {reason}" if reason else "")
+    until = "until removed" if suppression.expires_at is None else f"until {_utc(suppression.expires_at)}"
+    return (
+        f"Recipient ({rcpt_to}) is on the suppression list ({why}) since {_utc(suppression.created_at)} "
+        f"{until}; the message was not sent."
+    )
+
+
 def _sentence(text: str, more: str) -> str:
     """Postal's way of appending to delivery details: end the first sentence, then add the second."""
     text = text.strip()
@@ -171,6 +205,7 @@ class DeliveryService(Service):
         settings: DeliverySettings,
         owner: str,
         sign: BodySigner | None = None,
+        suppressions: SuppressionCheck | None = None,
     ) -> None:
         if settings.default_pool not in pools:
             raise ValueError(
@@ -181,6 +216,7 @@ class DeliveryService(Service):
         self._deliverer = deliverer
         self._pools = dict(pools)
         self._sign = sign
+        self._suppressions = suppressions
         self.settings = settings
         self.owner = owner
         #: Claimed messages not yet settled, by id.
@@ -194,6 +230,7 @@ class DeliveryService(Service):
         #: settled message would cost a claim script per message under full load.
         self._refill = max(1, min(settings.batch_size, settings.concurrency) // 10)
         self._redis_down = False
+        self._lookup_failing = False
         self._abandoned = False
         self._warned_pools: set[str] = set()
 
@@ -329,6 +366,9 @@ class DeliveryService(Service):
                 groups.setdefault(key, []).append(message)
         if held:
             self._track(self._hold(held), held)
+        if self._suppressions is not None and groups:
+            self._track(self._screen(groups), [m for messages in groups.values() for m in messages])
+            return
         for (pool_name, domain), messages in groups.items():
             self._track(self._deliver(self._pools[pool_name], domain, messages), messages)
 
@@ -398,6 +438,12 @@ class DeliveryService(Service):
         so a signer working in threads uses both cores.
         """
         sign = self._sign
+        return_path = self.settings.return_path
+        if return_path is not None:
+            messages = [
+                attrs.evolve(m, mail_from=return_path.envelope_sender(m.server_id, m.id, m.mail_from))
+                for m in messages
+            ]
         if sign is None:
             return _unsigned(messages)
         firsts: dict[tuple[int, int], ClaimedMessage] = {}
@@ -515,6 +561,86 @@ class DeliveryService(Service):
         due_at = self._clock.seconds() + delay
         ok = await self._queue.release(message.id, message.lease_token, due_at)
         self._check(ok, message, "reschedule")
+
+    # -- suppressed recipients ----------------------------------------------------------------------
+
+    async def _screen(self, groups: Mapping[tuple[str, str], list[ClaimedMessage]]) -> None:
+        """Finish the messages to suppressed recipients, and deliver the others group by group at the
+        same time; one lookup for the whole claimed batch."""
+        messages = [m for group in groups.values() for m in group]
+        try:
+            found = await self._find_suppressed(messages)
+        except CancelledError:  # abandoned by stopService while the lookup ran
+            await self._release(messages, "shutting down")
+            return
+        work: list[_Work] = [
+            self._settle_one(m, self._suppress(m, found[m.id])) for m in messages if m.id in found
+        ]
+        for (pool_name, domain), group in groups.items():
+            rest = [m for m in group if m.id not in found]
+            if rest:
+                work.append(self._deliver(self._pools[pool_name], domain, rest))
+        try:
+            await self._all(work)
+        except CancelledError:
+            pass  # each delivery released its messages (`_deliver`)
+
+    async def _find_suppressed(self, messages: Sequence[ClaimedMessage]) -> Mapping[int, Suppression]:
+        """The suppressed among ``messages``; none when the lookup fails.
+
+        A database that does not answer must not stop all mail: the batch goes out unchecked (as it
+        would have before there was a list) rather than waiting or failing. The first failure of an
+        outage is logged, and its end; the batches between are not, one by one.
+        """
+        assert self._suppressions is not None
+        try:
+            found = await self._suppressions.suppressed(messages)
+        except CancelledError:
+            raise
+        except Exception:
+            if not self._lookup_failing:
+                self._lookup_failing = True
+                self.log.failure(
+                    "looking up suppressed recipients failed; delivering unchecked until it works again"
+                )
+            return {}
+        if self._lookup_failing:
+            self._lookup_failing = False
+            self.log.info("looking up suppressed recipients works again")
+        claimed = {m.id for m in messages}
+        return {message_id: s for message_id, s in found.items() if message_id in claimed}
+
+    async def _suppress(self, message: ClaimedMessage, suppression: Suppression) -> None:
+        now = self._clock.seconds()
+        details = suppressed_details(message.rcpt_to, suppression)
+        self.log.info(
+            "not sending {message_id} to {rcpt_to}: suppressed ({source}) since {since}",
+            message_id=message.id,
+            rcpt_to=message.rcpt_to,
+            source=suppression.source.value,
+            since=_utc(suppression.created_at),
+        )
+        event = self._event(message, MessageStatus.HARD_FAIL, now, None, details)
+        notice = MessageSuppressed(
+            message_id=message.id,
+            server_id=message.server_id,
+            rcpt_to=message.rcpt_to,
+            source=suppression.source.value,
+            reason=suppression.reason,
+            timestamp=now,
+            suppressed_at=suppression.created_at,
+            expires_at=suppression.expires_at,
+            details=details,
+            token=event.token,
+            scope=event.scope,
+            mail_from=event.mail_from,
+            subject=event.subject,
+            header_message_id=event.header_message_id,
+            tag=event.tag,
+            message_timestamp=event.message_timestamp,
+        )
+        ok = await self._queue.ack(message.id, message.lease_token, event, also=notice)
+        self._check(ok, message, "ack")
 
     # -- holding ------------------------------------------------------------------------------------
 

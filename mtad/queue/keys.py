@@ -25,6 +25,9 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 ``<p>webhooks:due``            ZSET uuid → next attempt time
 ``<p>webhooks:leased``         ZSET uuid → lease deadline (a dispatcher is POSTing it)
 ``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
+``<p>softfail:{<s>:<addr>}``   SET of the stream ids of a recipient's soft failures since its last
+                               success (server id ``<s>``), with a TTL; the suppression trigger
+                               counts them
 =============================  ==========================================================================
 
 Message keys carry a hash tag (``{<id>}``) so that everything of one message maps to one Cluster slot.
@@ -136,6 +139,10 @@ class QueueKeys:
 
     def auth_failures(self, client_ip: str) -> str:
         return f"{self.prefix}authfail:{client_ip}"
+
+    def soft_failures(self, server_id: int, address: str) -> str:
+        """The soft failures in a row of one recipient of one server (`mtad.suppression.trigger`)."""
+        return f"{self.prefix}softfail:{{{server_id}:{address}}}"
 
     def queue_keys(self) -> list[str]:
         """The KEYS every queue script receives, in this order (``KEYS[1]`` … ``KEYS[7]``)."""
@@ -304,7 +311,8 @@ return requeue_expired(ARGV[2], tonumber(ARGV[3]))
 """,
 )
 
-# ARGV: prefix, id, lease_token, event_type ('' = none), event_data
+# ARGV: prefix, id, lease_token, event_type ('' = none), event_data, then optionally a second event's
+# type and data (a suppressed message's ``message.suppressed``, appended with its delivery or not at all)
 ACK = Script.of(
     "ack",
     _COMMON
@@ -314,6 +322,7 @@ local mkey = msg_key(id)
 if not leased_by(mkey, token) then return 0 end
 drop_message(id, mkey)
 add_event(ARGV[4], ARGV[5])
+if #ARGV >= 7 then add_event(ARGV[6], ARGV[7]) end
 return 1
 """,
 )

@@ -220,12 +220,21 @@ class RedisQueue:
         """Return leases whose deadline passed to due; fires with how many (up to ``requeue_batch``)."""
         return self._run(REQUEUE_EXPIRED, [_number(now), self.requeue_batch]).addCallback(int)
 
-    def ack(self, message_id: int, lease_token: str, event: MessageDelivery | None = None) -> Deferred[bool]:
-        """The message is done (Sent or HardFail): delete it, drop its body reference, append ``event``.
+    def ack(
+        self,
+        message_id: int,
+        lease_token: str,
+        event: MessageDelivery | None = None,
+        also: AnyEvent | None = None,
+    ) -> Deferred[bool]:
+        """The message is done (Sent or HardFail): delete it, drop its body reference, append ``event``
+        (and ``also`` after it, in the same step: a suppressed message's ``message.suppressed``).
 
         Fires False (and changes nothing) when ``lease_token`` is no longer the message's lease.
         """
         args = [message_id, lease_token, *self._event_args(event)]
+        if also is not None:
+            args += self._event_args(also)
         return self._run(ACK, args).addCallback(bool)
 
     def retry(

@@ -43,6 +43,9 @@ class SessionInfo:
     auth: AuthIdentity | None
     #: Listener name from the configuration.
     listener: str
+    #: The recipients accepted so far in the current mail transaction (RCPT answered 250), in order;
+    #: empty outside one. A policy needs them to keep kinds of recipient apart (bounces, relay).
+    rcpt_to: tuple[str, ...] = ()
 
 
 @attrs.frozen

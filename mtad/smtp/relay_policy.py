@@ -1,50 +1,43 @@
-"""The SMTP policy for sending: who may relay, as which server, and handing messages to the acceptor.
+"""The SMTP server's policy: the submission policy's answers as SMTP replies, and bounces to their sink.
 
-mtad routes no domains yet (inbound routes come later), so every recipient is relay, and DESIGN invariant 4
-applies to each: it is accepted only for a session that authenticated with an SMTP credential (RFC 4954)
-or that connects from the network of an SMTP-IP credential, as in Postal. As in Postal too, the message
-itself must come from its server: every From address in a sending domain of the server, or, where the
-server has ``allow_sender``, every Sender address (`mtad.accept.headers_authenticated`, the check the send
-API makes); otherwise the message is refused at the end of DATA.
+Who may relay, as which server, with which From, held or not, is decided by
+`mtad.submission.SubmissionPolicy`, for SMTP as for the send API; this module only asks it at the
+right command and words its answers as replies with RFC 3463 enhanced status codes. It knows no
+storage: no SQL, no Redis.
+
+Recipients are of two kinds:
+
+* **Relay** (every domain we do not route; mtad routes none yet): DESIGN invariant 4 applies, so RCPT is
+  accepted only for a session that authenticated with an SMTP credential (RFC 4954) or connects from the
+  network of an SMTP-IP credential, as in Postal. At the end of DATA the message must come from its
+  server (`SubmissionPolicy.may_send_message`: every From in a sending domain of the server, or, where
+  the server has ``allow_sender``, every Sender), and is queued.
+* **Return path** (`mtad.submission.return_path`): a recipient at one of ``return_path_domains`` is
+  accepted from anyone, without authentication, and at the end of DATA the message goes to the
+  `BounceSink`, never to the queue. A transaction holds one kind only: the first recipient accepted
+  fixes it, and a recipient of the other kind is answered `MIXED_RECIPIENTS` (``452 4.5.3``, RFC 5321
+  §4.5.3.1.10: the client sends what was accepted and retries the rest in a new transaction).
 
 Nothing is kept per session. What a session maps to follows from what `SessionInfo` carries every time
-(the `AuthIdentity` our `authenticate` returned, or the client address), looked up through short-lived
-caches of credentials, servers and the SMTP-IP list. So no state can outlive a session, however it ends,
-and a revoked credential or a suspended server takes effect within ``cache_seconds``.
+(the `AuthIdentity` our `authenticate` returned, or the client address, and the recipients accepted so
+far), looked up through the submission policy's short-lived caches.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mtad.accept import Acceptor, ServerSuspended, headers_authenticated
-from mtad.caching import CachedLookups, ExpiringCache
-from mtad.mail.compose import domain_of
-from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo, SMTPPolicy
 from mtad.smtp.reply import Reply
-from mtad.store.credentials import (
-    Credential,
-    IPNetwork,
-    authenticate_smtp_key,
-    find_credential,
-    find_ip_credentials,
-    touch_credential,
-)
-from mtad.store.db import Database
-from mtad.store.messages import Scope
-from mtad.store.servers import Server, find_server
-
-P = ParamSpec("P")
-T = TypeVar("T")
+from mtad.submission.answers import Queued, Refusal, Refused, Submitter
+from mtad.submission.policy import SubmissionPolicy
+from mtad.submission.return_path import BounceSink, is_return_path_address, normalize_domains
+from mtad.submission.unavailable import PolicyUnavailable, bounded
 
 #: RFC 4954 §6: relaying needs authentication, and this session can still authenticate.
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
@@ -66,27 +59,32 @@ TRY_AGAIN = Reply(451, "4.3.0", "Temporary failure, try again later")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
 #: RFC 3463 X.3.1 "mail system full"; 452 per RFC 5321 §4.2.2 (insufficient system storage).
 QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-
-#: Postal's delivery details for a message held because its credential says so.
-CREDENTIAL_HOLD = "Credential is configured to hold all messages authenticated by it."
+#: A return-path recipient after relay recipients, or the other way round. 452 with X.5.3 ("too many
+#: recipients", RFC 3463 §3.6) is RFC 5321 §4.5.3.1.10's answer for "not in this transaction": clients
+#: deliver to the recipients accepted and retry this one in a transaction of its own.
+MIXED_RECIPIENTS = Reply(
+    452, "4.5.3", "Bounces to the return-path domain and relayed mail need separate transactions"
+)
+#: The end of DATA of a transaction holding both kinds (only a server that ignored `MIXED_RECIPIENTS`
+#: could send one): refused for good, since sending it again cannot succeed.
+MIXED_TRANSACTION = Reply(
+    554, "5.5.3", "Bounces to the return-path domain and relayed mail need separate transactions"
+)
+#: A message for the return-path domain is stored for bounce processing.
+BOUNCE_RECEIVED = Reply(250, "2.0.0", "Ok: received")
 
 #: RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; long id lists become a range.
 _MAX_IDS_TEXT = 400
 
-
-class DatabaseTimeout(Exception):
-    """A unit of work did not finish within the policy's ``timeout``."""
-
-
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client address to match SMTP-IP networks; an IPv4-mapped IPv6 address as its IPv4 self."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+#: Answers to a session's credential that refuse it, by reason (NO_CREDENTIAL depends on the listener).
+_REFUSALS = {
+    Refusal.CREDENTIAL_REVOKED: CREDENTIAL_REVOKED,
+    Refusal.UNKNOWN_CREDENTIAL: CREDENTIAL_REVOKED,
+    Refusal.SERVER_SUSPENDED: SERVER_SUSPENDED,
+    Refusal.FROM_NOT_ALLOWED: FROM_NOT_ALLOWED,
+    Refusal.QUEUE_FULL: QUEUE_FULL,
+    Refusal.QUEUE_UNAVAILABLE: QUEUE_UNAVAILABLE,
+}
 
 
 def queued_reply(ids: Sequence[int]) -> Reply:
@@ -98,14 +96,12 @@ def queued_reply(ids: Sequence[int]) -> Reply:
 
 
 class RelayPolicy:
-    """`~mtad.smtp.policy.SMTPPolicy` for authenticated and IP-trusted sending.
+    """`~mtad.smtp.policy.SMTPPolicy` for authenticated and IP-trusted sending, and for bounces.
 
-    ``sending_domain_check(server, domain)`` says whether ``server`` may send as ``domain`` (the daemon
-    gives one backed by ``mtad.store.domains.find_sending_domain``, as to the send API). Every database
-    call and domain check is bounded by ``timeout`` on ``clock``. Credentials, servers, the SMTP-IP list
-    and domain check answers are cached for ``cache_seconds``. ``listeners_without_auth`` names listeners
-    that never offer AUTH (no TLS, no STARTTLS and no plaintext AUTH): a refused relay there is
-    ``554 5.7.1``, not ``530 5.7.0``.
+    ``listeners_without_auth`` names listeners that never offer AUTH (no TLS, no STARTTLS and no
+    plaintext AUTH): a refused relay there is ``554 5.7.1``, not ``530 5.7.0``. ``return_path_domains``
+    (``[domains] return_path_domain``) are accepted from anyone and go to ``bounce_sink``; give both or
+    neither. The sink is bounded by ``sink_timeout`` on ``clock``.
     """
 
     log = Logger()
@@ -113,28 +109,21 @@ class RelayPolicy:
     def __init__(
         self,
         clock: IReactorTime,
-        database: Database,
-        acceptor: Acceptor,
+        submission: SubmissionPolicy,
         *,
-        sending_domain_check: Callable[[Server, str], Awaitable[bool]],
-        cache_seconds: float = 60.0,
-        timeout: float = 30.0,
         listeners_without_auth: Collection[str] = (),
+        return_path_domains: Collection[str] = frozenset(),
+        bounce_sink: BounceSink | None = None,
+        sink_timeout: float = 30.0,
     ) -> None:
+        if bool(return_path_domains) != (bounce_sink is not None):
+            raise ValueError("return_path_domains and bounce_sink go together")
         self.clock = clock
-        self.database = database
-        self.acceptor = acceptor
-        self.sending_domain_check = sending_domain_check
-        self.cache_seconds = cache_seconds
-        self.timeout = timeout
+        self.submission = submission
         self.listeners_without_auth = frozenset(listeners_without_auth)
-        self._credentials: ExpiringCache[int, Credential] = ExpiringCache(clock, cache_seconds)
-        self._servers: ExpiringCache[int, Server] = ExpiringCache(clock, cache_seconds)
-        self._domains: CachedLookups[tuple[int, str], bool] = CachedLookups(clock, cache_seconds)
-        self._ip_credentials: list[tuple[IPNetwork, Credential]] = []
-        self._ip_credentials_expire = float("-inf")
-        #: When each SMTP-IP credential's last use was last written (bounded by the number of them).
-        self._ip_touched: dict[int, float] = {}
+        self.return_path_domains = normalize_domains(return_path_domains)
+        self.bounce_sink = bounce_sink
+        self.sink_timeout = sink_timeout
 
     # -- SMTPPolicy ---------------------------------------------------------------------------------
 
@@ -144,9 +133,9 @@ class RelayPolicy:
         """The SMTP credential whose key is ``password`` (any username, as in Postal).
 
         A suspended server's credential is refused like a wrong one (535 5.7.8): the Protocol has no
-        other negative answer. A database failure or timeout fails the Deferred, which the server answers
-        ``454 4.7.0`` (RFC 4954 §6, temporary), so a database outage never tells clients their password
-        is wrong, nor counts against them in the failed-AUTH limiter.
+        other negative answer. A database failure or timeout fails the Deferred with `PolicyUnavailable`,
+        which the server answers ``454 4.7.0`` (RFC 4954 §6, temporary), so a database outage never tells
+        clients their password is wrong, nor counts against them in the failed-AUTH limiter.
         """
         return Deferred.fromCoroutine(self._authenticate(session, username, password))
 
@@ -159,14 +148,20 @@ class RelayPolicy:
         return succeed(None)
 
     def check_rcpt(self, session: SessionInfo, mail_from: str, address: str) -> Deferred[Reply | None]:
-        """Relay control (DESIGN invariant 4): only for a credential's session; see `relay_refusal`."""
+        """Return-path recipients from anyone; relay only for a credential's session (`relay_refusal`);
+        never both in one transaction (`MIXED_RECIPIENTS`)."""
         return Deferred.fromCoroutine(self._check_rcpt(session, address))
 
     def accept_message(self, session: SessionInfo, envelope: Envelope, message: bytes) -> Deferred[Reply]:
-        """Queue the message for the session's server; 250 only once Redis has stored it."""
+        """Queue the message for the session's server, or hand a bounce to the sink; 250 only once the
+        message is durable."""
         return Deferred.fromCoroutine(self._accept_message(session, envelope, message))
 
     # -- decisions ----------------------------------------------------------------------------------
+
+    def is_return_path(self, address: str) -> bool:
+        """Whether ``address`` is a return-path recipient (`mtad.submission.return_path`)."""
+        return is_return_path_address(address, self.return_path_domains)
 
     def relay_refusal(self, session: SessionInfo) -> Reply:
         """The answer to a relay attempt by a session with no credential.
@@ -182,200 +177,119 @@ class RelayPolicy:
             return AUTH_REQUIRED
         return RELAY_DENIED
 
+    def _reply(self, session: SessionInfo, refused: Refused) -> Reply:
+        if refused.reason is Refusal.NO_CREDENTIAL:
+            return CREDENTIAL_REVOKED if session.auth is not None else self.relay_refusal(session)
+        return _REFUSALS[refused.reason]
+
     async def _authenticate(self, session: SessionInfo, username: str, password: str) -> AuthIdentity | None:
-        if not password:
+        found = await self.submission.smtp_submitter(password)
+        if isinstance(found, Refused):
+            if found.reason is Refusal.SERVER_SUSPENDED:
+                self.log.info(
+                    "smtp auth refused in {session_id}: the credential's server is suspended",
+                    session_id=session.session_id,
+                )
             return None
-        found = await self._db(authenticate_smtp_key, password, self.clock.seconds(), self.cache_seconds)
-        if found is None:
-            return None
-        credential, server = found
-        self._credentials.put(credential.id, credential)
-        self._servers.put(server.id, server)
-        if server.suspended:
-            self.log.info(
-                "smtp auth refused in {session_id}: server {server} is suspended",
-                session_id=session.session_id,
-                server=server.full_permalink,
-            )
-            return None
-        return AuthIdentity(username=username, credential_id=credential.id, server_id=server.id)
+        return AuthIdentity(username=username, credential_id=found.credential.id, server_id=found.server.id)
+
+    async def _submitter(self, session: SessionInfo) -> Submitter | Refused:
+        credential_id = session.auth.credential_id if session.auth is not None else None
+        return await self.submission.session_submitter(credential_id, session.client_ip)
 
     async def _check_rcpt(self, session: SessionInfo, address: str) -> Reply | None:
-        try:
-            credential = await self._session_credential(session)
-            server = None if credential is None else await self._server(credential.server_id)
-        except Exception:
-            self.log.failure("smtp relay check failed in {session_id}", session_id=session.session_id)
-            return TRY_AGAIN
-        refusal = self._refusal(session, credential, server)
+        bounce = self.is_return_path(address)
+        if bounce:
+            refusal = None
+        else:
+            try:
+                found = await self._submitter(session)
+            except PolicyUnavailable:
+                return TRY_AGAIN
+            refusal = self._reply(session, found) if isinstance(found, Refused) else None
+        if refusal is None and any(self.is_return_path(r) != bounce for r in session.rcpt_to):
+            refusal = MIXED_RECIPIENTS
         if refusal is not None:
             self.log.info(
-                "smtp relay to {address} refused for {client_ip} in {session_id}: {reply}",
+                "smtp rcpt {address} refused for {client_ip} in {session_id}: {reply}",
                 address=address,
                 client_ip=session.client_ip,
                 session_id=session.session_id,
                 reply=str(refusal),
             )
-            return refusal
-        if session.auth is None and credential is not None:
-            await self._touch_ip_credential(credential)
-        return None
-
-    def _refusal(
-        self, session: SessionInfo, credential: Credential | None, server: Server | None
-    ) -> Reply | None:
-        if credential is None:
-            return CREDENTIAL_REVOKED if session.auth is not None else self.relay_refusal(session)
-        if server is None:
-            return CREDENTIAL_REVOKED
-        if server.suspended:
-            return SERVER_SUSPENDED
-        return None
+        return refusal
 
     async def _accept_message(self, session: SessionInfo, envelope: Envelope, message: bytes) -> Reply:
+        bounces = [self.is_return_path(r) for r in envelope.rcpt_to]
+        if all(bounces):
+            return await self._accept_bounce(session, envelope, message)
+        if any(bounces):
+            return MIXED_TRANSACTION
         try:
-            credential = await self._session_credential(session)
-            server = None if credential is None else await self._server(credential.server_id)
-        except Exception:
-            self.log.failure("smtp message lookup failed in {session_id}", session_id=session.session_id)
+            return await self._accept_relay(session, envelope, message)
+        except PolicyUnavailable:
             return TRY_AGAIN
-        refusal = self._refusal(session, credential, server)
-        if refusal is not None or credential is None or server is None:
-            return refusal or RELAY_DENIED
-        try:
-            allowed = await headers_authenticated(
-                message,
-                lambda address: self._address_allowed(server, address),
-                allow_sender=server.allow_sender,
-            )
-        except Exception:
-            self.log.failure(
-                "smtp sending domain check failed in {session_id}", session_id=session.session_id
-            )
-            return TRY_AGAIN
-        if not allowed:
-            self.log.info(
-                "smtp message in {session_id} refused: From/Sender not a sending domain of {server}",
-                session_id=session.session_id,
-                server=server.full_permalink,
-            )
-            return FROM_NOT_ALLOWED
-        try:
-            accepted = await self.acceptor.accept(
-                server,
-                Scope.OUTGOING.value,
-                envelope.mail_from,
-                envelope.rcpt_to,
-                message,
-                hold_reason=CREDENTIAL_HOLD if credential.hold else None,
-                received_with_ssl=session.tls,
-            )
-        except ServerSuspended:
-            return SERVER_SUSPENDED
-        except QueueFull as e:
-            self.log.warn(
-                "smtp message in {session_id} not queued: {error}",
-                session_id=session.session_id,
-                error=str(e),
-            )
-            return QUEUE_FULL
-        except RedisUnavailable as e:
-            self.log.warn(
-                "smtp message in {session_id} not queued: {error}",
-                session_id=session.session_id,
-                error=str(e),
-            )
-            return QUEUE_UNAVAILABLE
         except Exception:
             self.log.failure("smtp message in {session_id} not queued", session_id=session.session_id)
             return TRY_AGAIN
-        return queued_reply([m.id for m in accepted])
 
-    # -- lookups ------------------------------------------------------------------------------------
-
-    async def _db(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a unit of work, failing with `DatabaseTimeout` after ``timeout`` seconds."""
-        d = self.database.run(fn, *args, **kwargs)
-        d.addTimeout(self.timeout, self.clock)
-        try:
-            return await d
-        except DeferredTimeoutError:
-            raise DatabaseTimeout(f"database did not answer within {self.timeout} s") from None
-
-    async def _session_credential(self, session: SessionInfo) -> Credential | None:
-        """The credential a session sends with: the one it authenticated with, else its SMTP-IP one."""
-        if session.auth is not None:
-            return await self._credential(session.auth.credential_id)
-        address = _address(session.client_ip)
-        if address is None:
-            return None
-        for network, credential in await self._ip_credential_list():
-            if address.version == network.version and address in network:
-                return credential
-        return None
-
-    async def _credential(self, id: int) -> Credential | None:
-        credential = self._credentials.get(id)
-        if credential is None:
-            credential = await self._db(find_credential, id)
-            if credential is not None:
-                self._credentials.put(id, credential)
-        return credential
-
-    async def _server(self, id: int) -> Server | None:
-        server = self._servers.get(id)
-        if server is None:
-            server = await self._db(find_server, id)
-            if server is not None:
-                self._servers.put(id, server)
-        return server
-
-    async def _address_allowed(self, server: Server, address: str) -> bool:
-        domain = domain_of(address)
-        return "@" in address and bool(domain) and await self._domain_allowed(server, domain)
-
-    async def _domain_allowed(self, server: Server, domain: str) -> bool:
-        """``sending_domain_check``'s answer, cached; concurrent checks of one domain share one."""
-
-        async def check() -> bool:
-            d = Deferred.fromCoroutine(self._check_domain(server, domain))
-            d.addTimeout(self.timeout, self.clock)
-            try:
-                return await d
-            except DeferredTimeoutError:
-                raise DatabaseTimeout(
-                    f"sending domain check did not answer within {self.timeout} s"
-                ) from None
-
-        return await self._domains.get((server.id, domain), check)
-
-    async def _check_domain(self, server: Server, domain: str) -> bool:
-        return bool(await self.sending_domain_check(server, domain))
-
-    async def _ip_credential_list(self) -> list[tuple[IPNetwork, Credential]]:
-        if self._ip_credentials_expire <= self.clock.seconds():
-            self._ip_credentials = await self._db(find_ip_credentials)
-            self._ip_credentials_expire = self.clock.seconds() + self.cache_seconds
-            known = {credential.id for _, credential in self._ip_credentials}
-            for gone in [id for id in self._ip_touched if id not in known]:
-                del self._ip_touched[gone]
-        return self._ip_credentials
-
-    async def _touch_ip_credential(self, credential: Credential) -> None:
-        """Record the use of an SMTP-IP credential, at most once per ``cache_seconds``; errors are logged.
-
-        Best effort: the operator's "last used" is informational and must not refuse mail.
-        """
-        now = self.clock.seconds()
-        if self._ip_touched.get(credential.id, float("-inf")) > now - self.cache_seconds:
-            return
-        self._ip_touched[credential.id] = now
-        try:
-            await self._db(touch_credential, credential.id, now)
-        except Exception:
-            self.log.failure(
-                "could not record use of credential {credential_id}", credential_id=credential.id
+    async def _accept_relay(self, session: SessionInfo, envelope: Envelope, message: bytes) -> Reply:
+        found = await self._submitter(session)
+        if isinstance(found, Refused):
+            return self._reply(session, found)
+        permit = await self.submission.may_send_message(found, message)
+        if isinstance(permit, Refused):
+            self.log.info(
+                "smtp message in {session_id} refused: From/Sender not a sending domain of {server}",
+                session_id=session.session_id,
+                server=found.server.full_permalink,
             )
+            return self._reply(session, permit)
+        result = await self.submission.submit(
+            permit, envelope.mail_from, envelope.rcpt_to, message, received_with_ssl=session.tls
+        )
+        return self._queued(session, result)
+
+    def _queued(self, session: SessionInfo, result: Queued | Refused) -> Reply:
+        if isinstance(result, Refused):
+            if result.detail:
+                self.log.warn(
+                    "smtp message in {session_id} not queued: {error}",
+                    session_id=session.session_id,
+                    error=result.detail,
+                )
+            return self._reply(session, result)
+        return queued_reply([m.id for m in result.messages])
+
+    async def _accept_bounce(self, session: SessionInfo, envelope: Envelope, message: bytes) -> Reply:
+        sink = self.bounce_sink
+        if sink is None:  # ruled out by __init__: no domains, so no return-path recipient
+            return TRY_AGAIN
+        work = sink.put(
+            mail_from=envelope.mail_from,
+            rcpt_to=envelope.rcpt_to,
+            data=message,
+            received_with_ssl=session.tls,
+            client_ip=session.client_ip,
+        )
+        try:
+            await bounded(
+                work,
+                self.clock,
+                self.sink_timeout,
+                "The bounce sink",
+                self.log,
+                session_id=session.session_id,
+            )
+        except PolicyUnavailable:
+            return TRY_AGAIN
+        self.log.info(
+            "smtp bounce for {rcpt_to} from {client_ip} in {session_id} received",
+            rcpt_to=", ".join(envelope.rcpt_to),
+            client_ip=session.client_ip,
+            session_id=session.session_id,
+        )
+        return BOUNCE_RECEIVED
 
 
 if TYPE_CHECKING:

@@ -304,6 +304,7 @@ class SMTPServerMachine:
             tls=self._tls,
             auth=self._auth,
             listener=self.settings.listener,
+            rcpt_to=tuple(self._txn.rcpts) if self._txn is not None else (),
         )
 
     @property

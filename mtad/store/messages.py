@@ -63,6 +63,9 @@ class Message:
     #: Its raw message in `mtad.store.raw_messages` (shared by the messages of one accept); None for
     #: messages recorded before raw messages were kept.
     raw_message_id: int | None = None
+    #: A report that came back to a return path (`mtad.bounces`), and the message it was matched to.
+    bounce: bool = False
+    bounce_for_id: int | None = None
 
     @property
     def stand_in(self) -> bool:
@@ -129,6 +132,8 @@ _OWN_COLUMNS = (
     "timestamp",
     "received_with_ssl",
     "raw_message_id",
+    "bounce",
+    "bounce_for_id",
 )
 #: The columns the latest delivery attempt sets.
 _ATTEMPT_COLUMNS = ("status", "held", "hold_expiry", "last_delivery_attempt")
@@ -175,6 +180,8 @@ def record_messages(conn: Connection, new_messages: Sequence[Message], now: floa
                 "timestamp": m.timestamp,
                 "received_with_ssl": m.received_with_ssl,
                 "raw_message_id": m.raw_message_id,
+                "bounce": m.bounce,
+                "bounce_for_id": m.bounce_for_id,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -330,6 +337,8 @@ def _message_from_row(row: sa.Row[*tuple[Any, ...]]) -> Message:
         timestamp=row.timestamp,
         received_with_ssl=bool(row.received_with_ssl),
         raw_message_id=row.raw_message_id,
+        bounce=bool(row.bounce),
+        bounce_for_id=row.bounce_for_id,
     )
 
 
@@ -356,6 +365,28 @@ _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("created_at", "updat
 def find_message(conn: Connection, id: int) -> Message | None:
     row = conn.execute(sa.select(*_MESSAGE_COLUMNS).where(messages.c.id == id)).one_or_none()
     return None if row is None else _message_from_row(row)
+
+
+def find_messages_by_tokens(conn: Connection, tokens: Sequence[str]) -> list[Message]:
+    """The messages with these tokens (Postal's ``X-Postal-MsgID`` matching), in the order of ``tokens``.
+
+    Tokens are compared exactly: they are mixed-case. (A token is unique in practice, ~71 random bits;
+    should two messages share one, both are returned.)
+    """
+    if not tokens:
+        return []
+    rows = conn.execute(sa.select(*_MESSAGE_COLUMNS).where(messages.c.token.in_(list(tokens)))).all()
+    order = {token: n for n, token in enumerate(tokens)}
+    found = [_message_from_row(row) for row in rows if row.token in order]
+    return sorted(found, key=lambda m: (order[m.token], m.id))
+
+
+def last_attempt(conn: Connection, message_id: int) -> int:
+    """The highest attempt number among a message's recorded deliveries; 0 when it has none."""
+    found = conn.execute(
+        sa.select(sa.func.max(deliveries.c.attempt)).where(deliveries.c.message_id == message_id)
+    ).scalar_one()
+    return int(found or 0)
 
 
 def list_messages(

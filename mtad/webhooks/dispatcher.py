@@ -15,7 +15,7 @@ never delays another server's webhooks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 import attrs
@@ -50,7 +50,7 @@ class SendOutcome(Protocol):
 
 
 class Sender(Protocol):
-    def post(self, url: str, body: bytes) -> Deferred[SendOutcome]: ...
+    def post(self, url: str, body: bytes) -> Awaitable[SendOutcome]: ...
 
 
 def retry_delay(attempt: int, delays: Sequence[float]) -> float | None:

@@ -6,6 +6,21 @@ Postal fires one webhook event per delivery row (``Postal::MessageDB::Delivery#w
 delivery's ``webhook_hash`` around the message's (``Postal::MessageDB::Message#webhook_hash``), and the
 body POSTed is the envelope ``{"event", "timestamp", "payload", "uuid"}`` (``WebhookDeliveryService``),
 in that key order. Field for field as Postal 3.3 writes them; see ``../shared/reference/postal.md`` §2.3.
+
+``MessageSuppressed`` is mtad's own (Postal holds a message to a suppressed address, silently, and has
+no such event). A suppressed message also fires ``MessageDeliveryFailed`` (its delivery is a
+``HardFail``), so Postal clients see it fail; ``MessageSuppressed`` says why, in the same shape, so one
+parser reads both: ``{"message": {...}, "status": "HardFail", "details": "Recipient (...) is on the
+suppression list ...", "output": "", "sent_with_ssl": false, "timestamp": ..., "time": null,
+"suppression": {"source": "HardBounce", "reason": "550 5.1.1 ...", "suppressed_at": ...,
+"expires_at": ... or null}}`` (`suppressed_payload`); ``source`` is one of ``HardBounce``,
+``SoftFailures``, ``Complaint``, ``Manual``, ``Unsubscribe``; times are Unix seconds, ``expires_at``
+null for an entry that never expires.
+
+``MessageBounced`` is Postal's (``Message#bounce!``): ``{"original_message": {...}, "bounce": {...}}``,
+the bounce being the report as recorded, an incoming message (`bounced_payload`). ``SpamComplaint`` is
+mtad's own (Postal reads no feedback reports): ``{"message": {...}, "feedback_type": "abuse",
+"user_agent": ..., "source_ip": ..., "timestamp": ..., "bounce": {...} or null}`` (`complaint_payload`).
 """
 
 from __future__ import annotations
@@ -16,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from mtad.events.schema import AnyEvent, MessageDelivery
+from mtad.events.schema import AnyEvent, MessageBounced, MessageDelivery, MessageSuppressed, SpamComplaint
 
 #: Delivery status → Postal's webhook event.
 DELIVERY_EVENTS = {
@@ -49,7 +64,9 @@ def truncate(text: str, limit: int = OUTPUT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def message_hash(event: MessageDelivery) -> dict[str, Any]:
+def message_hash(
+    event: MessageDelivery | MessageSuppressed | MessageBounced | SpamComplaint,
+) -> dict[str, Any]:
     """Postal's message object (``Message#webhook_hash``) for the message a delivery event names.
 
     ``to``/``from`` are the envelope's; ``message_id`` is the Message-ID field without angle brackets;
@@ -85,7 +102,68 @@ def webhook_event_for(event: AnyEvent) -> WebhookEvent | None:
             "time": event.time,
         }
         return WebhookEvent(event.server_id, name, payload)
+    if isinstance(event, MessageSuppressed):
+        return WebhookEvent(event.server_id, "MessageSuppressed", suppressed_payload(event))
+    if isinstance(event, MessageBounced):
+        return WebhookEvent(event.server_id, "MessageBounced", bounced_payload(event))
+    if isinstance(event, SpamComplaint):
+        return WebhookEvent(event.server_id, "SpamComplaint", complaint_payload(event))
     return None
+
+
+def bounce_hash(event: MessageBounced | SpamComplaint) -> dict[str, Any] | None:
+    """Postal's message object for the bounce itself (an incoming message, never spam-checked)."""
+    if event.bounce_id is None:
+        return None
+    return {
+        "id": event.bounce_id,
+        "token": event.bounce_token,
+        "direction": "incoming",
+        "message_id": event.bounce_header_message_id,
+        "to": event.bounce_rcpt_to,
+        "from": event.bounce_mail_from,
+        "subject": event.bounce_subject,
+        "timestamp": event.bounce_timestamp,
+        "spam_status": "NotChecked",
+        "tag": None,
+    }
+
+
+def bounced_payload(event: MessageBounced) -> dict[str, Any]:
+    """``MessageBounced``'s payload, as Postal's ``Message#bounce!`` triggers it."""
+    return {"original_message": message_hash(event), "bounce": bounce_hash(event)}
+
+
+def complaint_payload(event: SpamComplaint) -> dict[str, Any]:
+    """``SpamComplaint``'s payload (see the module docstring)."""
+    return {
+        "message": message_hash(event),
+        "feedback_type": event.feedback_type,
+        "user_agent": event.user_agent,
+        "source_ip": event.source_ip,
+        "timestamp": event.timestamp,
+        "bounce": bounce_hash(event),
+    }
+
+
+def suppressed_payload(event: MessageSuppressed) -> dict[str, Any]:
+    """``MessageSuppressed``'s payload: ``MessageDeliveryFailed``'s fields, and the list entry (see the
+    module docstring)."""
+    return {
+        "message": message_hash(event),
+        "status": "HardFail",
+        "details": event.details,
+        "output": "",
+        "sent_with_ssl": False,
+        "timestamp": event.timestamp,
+        "time": None,
+        "suppression": {
+            "source": event.source,
+            "reason": event.reason,
+            "suppressed_at": event.suppressed_at,
+            "expires_at": event.expires_at,
+        },
+    }
 
 
 def request_uuid(stream_id: str, webhook_id: int) -> str:

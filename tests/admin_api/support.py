@@ -27,6 +27,7 @@ from mtad.store import servers as ss
 from mtad.store.db import make_engine
 from mtad.store.migrate import upgrade_schema
 from mtad.store.servers import Server
+from mtad.submission.policy import SubmissionPolicy
 from tests.redis_server import RedisTestCase, real_reactor
 from tests.store.support import SQLITE, SynchronousDatabase, fresh_database_url
 
@@ -109,11 +110,23 @@ class LegacyAPITestCase(RedisTestCase):
         return domain in self.sending_domains
 
     def make_api(self, **kwargs: Any) -> LegacyAPI:
-        kwargs.setdefault("sending_domain_check", self.sending_domain_check)
+        """The API over its own `SubmissionPolicy`, to which ``acceptor``, ``sending_domain_check``,
+        ``sender_allowed`` and ``cache_seconds`` go (``timeout`` goes to both)."""
+        policy_kwargs = {
+            name: kwargs.pop(name) for name in ("sender_allowed", "cache_seconds") if name in kwargs
+        }
+        if "timeout" in kwargs:
+            policy_kwargs["timeout"] = kwargs["timeout"]
+        submission = SubmissionPolicy(
+            self.clock,
+            self.database,  # type: ignore[arg-type]
+            kwargs.pop("acceptor", self.acceptor),
+            sending_domain_check=kwargs.pop("sending_domain_check", self.sending_domain_check),
+            **policy_kwargs,
+        )
         kwargs.setdefault("max_message_size", MAX_MESSAGE_SIZE)
         kwargs.setdefault("hostname", HOSTNAME)
-        acceptor = kwargs.pop("acceptor", self.acceptor)
-        return LegacyAPI(self.clock, self.database, acceptor, self.queue, **kwargs)  # type: ignore[arg-type]
+        return LegacyAPI(self.clock, self.database, submission, self.queue, **kwargs)  # type: ignore[arg-type]
 
     def use(self, api: LegacyAPI) -> None:
         self.api = api

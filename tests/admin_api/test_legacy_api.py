@@ -24,7 +24,6 @@ from admin_api.legacy_api import SEND_ERRORS, ruby_base64
 from mtad.accept import AcceptedMessage, Acceptor
 from mtad.caching import SharedLookups
 from mtad.queue.redis_queue import RedisQueue
-from mtad.smtp.relay_policy import CREDENTIAL_HOLD
 from mtad.store import credentials as cs
 from mtad.store import servers as ss
 from mtad.store.messages import (
@@ -36,6 +35,7 @@ from mtad.store.messages import (
     record_messages,
 )
 from mtad.store.servers import Server
+from mtad.submission.answers import HoldReason
 from tests.admin_api.support import (
     BASE,
     HOSTNAME,
@@ -830,7 +830,7 @@ class SendMessageTests(LegacyAPITestCase):
         envelope = await self.call(SEND, send_params(), key=key)
         for entry in envelope["data"]["messages"].values():
             fields = await self.queue.message_fields(entry["id"])
-            self.assertEqual(fields["hold_reason"], CREDENTIAL_HOLD)
+            self.assertEqual(fields["hold_reason"], HoldReason.CREDENTIAL.value)
 
     async def test_bounce_uses_null_reverse_path(self) -> None:
         """``bounce: true`` queues the message with the null reverse-path ``<>`` (RFC 5321 §4.5.5)."""

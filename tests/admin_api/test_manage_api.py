@@ -23,11 +23,11 @@ from mtad.outbound.delivery import DeliveryService, DeliverySettings
 from mtad.outbound.holds import HOLD_CANCELLED
 from mtad.queue.client import RedisClient
 from mtad.queue.redis_queue import RedisQueue
-from mtad.smtp.relay_policy import CREDENTIAL_HOLD
 from mtad.store import credentials as cs
 from mtad.store import servers as ss
 from mtad.store.db import make_engine
 from mtad.store.messages import MessageStatus, find_message, list_deliveries
+from mtad.submission.answers import HoldReason
 from tests.admin_api.support import BASE, NOW, LegacyAPITestCase, settled
 from tests.outbound.hold_support import DEVELOPMENT, record_stream, stream_events
 from tests.outbound.test_delivery import POOLS, FakeDeliverer, eventually
@@ -183,7 +183,7 @@ class ListTests(ManageAPITestCase):
         (dev,) = await self.held("c@example.com", key=dev_key)
         fields = await self.queue.message_fields(dev)
         self.assertEqual(fields["hold_reason"], DEVELOPMENT)
-        self.assertEqual((await self.queue.message_fields(mine))["hold_reason"], CREDENTIAL_HOLD)
+        self.assertEqual((await self.queue.message_fields(mine))["hold_reason"], HoldReason.CREDENTIAL.value)
         for key, expected in ((None, mine), (self.other_key, theirs), (dev_key, dev)):
             _, body, _ = await self.v2("GET", HELD, key=key or "main")
             self.assertEqual([m["id"] for m in body["messages"]], [expected])

@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.trial import unittest
 
 from mtad.mail.dkim_keys import dkim_txt_value
+from mtad.mail.verp import decode_return_path
 from mtad.store.domains import get_domain_by_name, list_keys
 from mtad.store.messages import MessageStatus, list_messages
 from tests.integration.support import Harness, until
@@ -209,7 +210,13 @@ class PostalClientTests(unittest.TestCase):
         delivered = await self.delivered_to(h, 3)
         self.assertEqual(set(delivered), {"alice@example.com", "carol@example.com", "bob@example.com"})
         for recipient, sink_message in delivered.items():
-            self.assertEqual(sink_message.mail_from, "app@sender.test")
+            # The envelope sender is the VERP return path of this recipient's message.
+            assert h.service is not None
+            verp = decode_return_path(
+                h.service.verp_secret, sink_message.mail_from, ["rp.postal.example.com"]
+            )
+            assert verp is not None, sink_message.mail_from
+            self.assertEqual(str(verp.message_id), str(status.recipients[recipient].message_id))
             parsed = parse(sink_message.data)
             self.assertEqual(parsed["Subject"], "Anymail über Postal 🎉")
             self.assertEqual(parsed["From"], "Django App <app@sender.test>")

@@ -14,6 +14,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from mtad.mail.dkim_keys import dkim_txt_value
+from mtad.mail.verp import decode_return_path
 from mtad.store.domains import get_domain_by_name, list_keys
 from mtad.store.messages import MessageStatus, find_message, list_deliveries, list_messages
 from mtad.store.servers import set_allow_sender
@@ -48,7 +49,10 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(code, 250, text)
         self.assertIn("2.0.0", text)
         (delivered,) = await h.sink.wait_for_messages(1)
-        self.assertEqual(delivered.mail_from, "app@sender.test")
+        # The envelope sender is the message's VERP return path (bounces name the message they are for).
+        assert h.service is not None
+        verp = decode_return_path(h.service.verp_secret, delivered.mail_from, ["rp.postal.example.com"])
+        assert verp is not None, delivered.mail_from
         self.assertEqual(delivered.recipients, ("alice@example.com",))
         self.assertEqual(delivered.peer_ip, "127.0.0.1")
         self.assertEqual(delivered.helo, "mta1.test")
@@ -56,6 +60,8 @@ class RelayTests(unittest.TestCase):
         self.assertIn(b"Subject: Hi", delivered.data)
         await until(h.reactor, lambda: self.statuses(h) == [MessageStatus.SENT])
         (row,) = h.installation.query(list_messages, h.installation.server_id)
+        self.assertEqual((verp.server_id, verp.message_id), (row.server_id, row.id))
+        self.assertEqual(row.mail_from, "app@sender.test")
         self.assertEqual(row.subject, "Hi 🎉")
         self.assertEqual(row.rcpt_to, "alice@example.com")
         (attempt,) = h.installation.query(list_deliveries, row.id)

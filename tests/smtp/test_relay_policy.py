@@ -1,4 +1,5 @@
-"""The relay policy against a real SQL database and a real Redis: AUTH, relay control, queueing, caches."""
+"""The SMTP relay policy over the submission policy, against a real SQL database and a real Redis: AUTH,
+relay control, queueing, caches."""
 
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.policy import AuthIdentity, Envelope, SessionInfo
 from mtad.smtp.relay_policy import (
     AUTH_REQUIRED,
-    CREDENTIAL_HOLD,
     CREDENTIAL_REVOKED,
     FROM_NOT_ALLOWED,
     RELAY_DENIED,
     SERVER_SUSPENDED,
-    DatabaseTimeout,
     RelayPolicy,
     queued_reply,
 )
@@ -32,6 +31,9 @@ from mtad.store import organizations as os_
 from mtad.store import servers as ss
 from mtad.store.db import Database, make_engine
 from mtad.store.migrate import upgrade_schema
+from mtad.submission.answers import HoldReason
+from mtad.submission.policy import SubmissionPolicy
+from mtad.submission.unavailable import LookupTimeout, PolicyUnavailable
 from tests.redis_server import RedisTestCase, connect, real_reactor
 from tests.store.support import MYSQL, POSTGRES, SQLITE, fresh_database_url
 from tests.test_accept import MESSAGE, closed_port
@@ -117,11 +119,21 @@ class RelayPolicyTests(RedisTestCase):
     def make_policy(
         self, database: Any = None, acceptor: Acceptor | None = None, **kwargs: Any
     ) -> RelayPolicy:
+        """A relay policy over its own submission policy (``kwargs`` other than the relay policy's own go
+        to the submission policy)."""
+        relay = {
+            name: kwargs.pop(name)
+            for name in ("listeners_without_auth", "return_path_domains", "bounce_sink", "sink_timeout")
+            if name in kwargs
+        }
+        relay.setdefault("listeners_without_auth", {"mx-plain"})
         kwargs.setdefault("sending_domain_check", self.may_send_from)
         kwargs.setdefault("cache_seconds", 60.0)
         kwargs.setdefault("timeout", 10.0)
-        kwargs.setdefault("listeners_without_auth", {"mx-plain"})
-        return RelayPolicy(self.clock, database or self.database, acceptor or self.acceptor, **kwargs)
+        submission = SubmissionPolicy(
+            self.clock, database or self.database, acceptor or self.acceptor, **kwargs
+        )
+        return RelayPolicy(self.clock, submission, **relay)
 
     async def may_send_from(self, server: ss.Server, domain: str) -> bool:
         """The daemon's check (mtad.app): a verified domain of the server or its organization."""
@@ -166,22 +178,25 @@ class RelayPolicyTests(RedisTestCase):
         self.assertIsNone(await self.policy.authenticate(session(), "acme/main", self.password))
 
     async def test_authenticate_database_error_fails(self) -> None:
-        """A database error fails the Deferred (454 4.7.0 from the server), never a 535 for a good key."""
+        """A database error fails the Deferred (454 4.7.0 from the server), never a 535 for a good key;
+        the error is logged once."""
         broken = Database(make_engine(fresh_database_url(self, SQLITE)), real_reactor())
         broken.startService()
         self.addCleanup(broken.stopService)
         policy = self.make_policy(database=broken)
-        with self.assertRaises(sa.exc.OperationalError):
+        with self.assertRaises(PolicyUnavailable):
             await policy.authenticate(session(), "acme/main", self.password)
+        self.assertEqual(len(self.flushLoggedErrors(sa.exc.OperationalError)), 1)
 
     def test_authenticate_database_timeout(self) -> None:
-        """A database that does not answer within ``timeout`` fails AUTH with DatabaseTimeout."""
+        """A database that does not answer within ``timeout`` fails AUTH (the timeout is logged)."""
         policy = self.make_policy(database=StalledDatabase())
         d = policy.authenticate(session(), "acme/main", self.password)
         self.clock.advance(9.9)
         self.assertNoResult(d)
         self.clock.advance(0.1)
-        self.failureResultOf(d, DatabaseTimeout)
+        self.failureResultOf(d, PolicyUnavailable)
+        self.assertEqual(len(self.flushLoggedErrors(LookupTimeout)), 1)
 
     # -- MAIL FROM ----------------------------------------------------------------------------------
 
@@ -261,7 +276,7 @@ class RelayPolicyTests(RedisTestCase):
         reply = self.successResultOf(d)
         assert reply is not None
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
-        self.assertEqual(len(self.flushLoggedErrors(DatabaseTimeout)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(LookupTimeout)), 1)
 
     # -- accepting ----------------------------------------------------------------------------------
 
@@ -298,7 +313,7 @@ class RelayPolicyTests(RedisTestCase):
         reply = await self.policy.accept_message(session(auth=identity), envelope("a@x.test"), MESSAGE)
         self.assertEqual(reply.code, 250)
         mid = int(reply.text.rsplit(" ", 1)[1])
-        self.assertEqual((await self.queue.message_fields(mid))["hold_reason"], CREDENTIAL_HOLD)
+        self.assertEqual((await self.queue.message_fields(mid))["hold_reason"], HoldReason.CREDENTIAL.value)
 
     async def test_accept_development_mode(self) -> None:
         """A development-mode server's messages are queued with the development hold reason."""
@@ -392,7 +407,7 @@ class RelayPolicyTests(RedisTestCase):
         self.clock.advance(10)
         reply = self.successResultOf(d)
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
-        self.assertEqual(len(self.flushLoggedErrors(DatabaseTimeout)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(LookupTimeout)), 1)
         self.assertEqual((await self.queue.stats(NOW)).due_now, 0)
 
     async def test_accept_redis_disconnected(self) -> None:
@@ -477,8 +492,8 @@ class RelayPolicyTests(RedisTestCase):
         checked)."""
         authenticated = await self.login()
         await self.policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
-        self.policy.database = StalledDatabase()  # type: ignore[assignment]
-        self.database = self.policy.database  # type: ignore[assignment]
+        self.policy.submission.credentials.database = StalledDatabase()  # type: ignore[assignment]
+        self.database = self.policy.submission.credentials.database  # type: ignore[assignment]
         self.assertIsNone(await self.policy.check_rcpt(authenticated, "s@x.test", "r@x.org"))
         reply = await self.policy.accept_message(authenticated, envelope("a@x.test"), MESSAGE)
         self.assertEqual(reply.code, 250)

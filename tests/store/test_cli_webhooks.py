@@ -218,3 +218,13 @@ class WebhookCommandTests(SynchronousTestCase):
         self.mtad("remove-webhook", str(webhook))
         out = self.mtad("webhook-requests", "acme/main")
         self.assertEqual([re.split(r"\s{2,}", row)[3] for row in out.splitlines()[1:]], ["-", "-"])
+
+    def test_webhook_key_is_the_daemons_signing_key(self) -> None:
+        """webhook-key prints the key the daemon signs with (data_dir/signing.key), in anymail's form,
+        the same on every call."""
+        from mtad.webhooks.signing import WebhookSigner
+
+        first = self.mtad("webhook-key").strip()
+        self.assertEqual(first, self.mtad("webhook-key").strip())
+        signer = WebhookSigner.load_or_create(self.dir / "data" / "signing.key")
+        self.assertEqual(first, signer.public_key_for_anymail())
