@@ -618,6 +618,7 @@ class MtadService(Service):
             events=self.stream,
             events_alarm_length=config.events.stream_alarm_length,
             webhooks=self.webhook_queue.depth if self.webhook_queue is not None else None,
+            bounces=self.bounce_inbox.pending if self.bounce_inbox is not None else None,
         )
 
         legacy = LegacyAPI(

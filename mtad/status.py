@@ -52,10 +52,12 @@ class StatusReporter:
         events: EventsProbe | None = None,
         events_alarm_length: int = 1_000_000,
         webhooks: Callable[[], Deferred[dict[str, int]]] | None = None,
+        bounces: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         """``signing`` reports the DKIM signing workers; None when this process signs inline or does not
         deliver. ``events`` reports the event stream, with an alarm above ``events_alarm_length``.
-        ``webhooks`` counts the webhook requests waiting (due or retrying later) and being sent."""
+        ``webhooks`` counts the webhook requests waiting (due or retrying later) and being sent;
+        ``bounces`` the received bounces not yet processed."""
         self._clock = clock
         self._queue = queue
         self._database_ping = database_ping
@@ -66,6 +68,7 @@ class StatusReporter:
         self._events = events
         self._events_alarm_length = events_alarm_length
         self._webhooks = webhooks
+        self._bounces = bounces
         self.started_at = clock.seconds()
 
     def report(self) -> Deferred[dict[str, Any]]:
@@ -96,6 +99,7 @@ class StatusReporter:
             redis["error"] = str(e) or type(e).__name__
         events = await self._events_report() if redis.get("reachable") else None
         webhooks = await self._webhooks_report() if redis.get("reachable") else None
+        bounces = await self._bounces_report() if redis.get("reachable") else None
         database: dict[str, Any]
         try:
             await self._bounded(Deferred.fromCoroutine(_awaitable(self._database_ping())))
@@ -113,6 +117,7 @@ class StatusReporter:
             "signing_workers": self._signing() if self._signing is not None else None,
             "events": events,
             "webhooks": webhooks,
+            "bounces": bounces,
         }
 
     async def _webhooks_report(self) -> dict[str, Any] | None:
@@ -124,6 +129,16 @@ class StatusReporter:
             self.log.warn("status: webhook queue probe failed: {error}", error=str(e))
             return {"error": str(e) or type(e).__name__}
         return depth
+
+    async def _bounces_report(self) -> dict[str, Any] | None:
+        if self._bounces is None:
+            return None
+        try:
+            pending = await self._bounded(Deferred.fromCoroutine(_value(self._bounces())))
+        except Exception as e:
+            self.log.warn("status: bounce inbox probe failed: {error}", error=str(e))
+            return {"error": str(e) or type(e).__name__}
+        return {"pending": pending}
 
     async def _events_report(self) -> dict[str, Any] | None:
         """The stream's length against its alarm bound, each consumer group's backlog, parked events."""
@@ -152,3 +167,7 @@ class StatusReporter:
 
 async def _awaitable(a: Awaitable[None]) -> None:
     await a
+
+
+async def _value(a: Awaitable[int]) -> int:
+    return await a

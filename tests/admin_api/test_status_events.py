@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import sqlalchemy as sa
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -149,3 +150,40 @@ class StatusEventsTests(RedisTestCase):
         events = body["events"]
         self.assertEqual((events["length"], events["alarm_length"], events["alarm"]), (3, 2, True))
         self.assertEqual(events["groups"]["recorder"]["pending"], 3)
+
+    async def test_webhook_queue_and_bounce_inbox_depth(self) -> None:
+        """The webhook queue's and the bounce inbox's depth on /status, from real Redis."""
+        from mtad.bounces.inbox import BounceInbox
+        from mtad.webhooks.queue import NewRequest, WebhookQueue
+
+        webhooks = WebhookQueue(self.redis, self.keys)
+        inbox = BounceInbox(self.redis, self.clock, self.keys)
+        reporter = StatusReporter(
+            self.clock,
+            self.queue,
+            self.ping,
+            [],
+            embedded_redis=False,
+            webhooks=webhooks.depth,
+            bounces=inbox.pending,
+        )
+        before = await reporter.report()
+        self.assertEqual(before["webhooks"], {"waiting": 0, "sending": 0})
+        self.assertEqual(before["bounces"], {"pending": 0})
+        request = NewRequest(
+            uuid="u1",
+            server_id=1,
+            webhook_id=1,
+            url="http://h.test/",
+            event="MessageSent",
+            body=b"{}",
+            created_at=NOW,
+        )
+        await webhooks.add([request, attrs.evolve(request, uuid="u2")], NOW)
+        await webhooks.claim(NOW, 1, 60.0)
+        await inbox.put(
+            mail_from="", rcpt_to=["b@rp.test"], data=b"x", received_with_ssl=False, client_ip="127.0.0.1"
+        )
+        after = await reporter.report()
+        self.assertEqual(after["webhooks"], {"waiting": 1, "sending": 1})
+        self.assertEqual(after["bounces"], {"pending": 1})
