@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias, get_args
 
 import attrs
 
+from mtad.outbound.classify import Category
 from mtad.queue.model import Event
 
 #: Delivery statuses, as Postal names them (``mtad.store.messages.MessageStatus`` holds the same values;
@@ -144,19 +145,8 @@ class MessageSuppressed:
     message_timestamp: float | None = None
 
 
-#: What a bounce says of its recipient (``mtad.outbound.classify.Category`` holds the same values).
-BOUNCE_CATEGORIES = frozenset(
-    {
-        "bad_mailbox",
-        "mailbox_full",
-        "message_too_large",
-        "policy_block",
-        "spam_content",
-        "dns_failure",
-        "transient",
-        "unknown",
-    }
-)
+#: What a bounce says of its recipient: the categories of the one rules table.
+BOUNCE_CATEGORIES = frozenset(get_args(Category))
 
 
 @attrs.frozen(kw_only=True)
