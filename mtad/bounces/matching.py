@@ -41,7 +41,14 @@ from mtad.events.schema import AnyEvent, MessageBounced, MessageDelivery, Messag
 from mtad.mail.bounces import BounceRecipient, BounceReport
 from mtad.mail.verp import VerpMatch, decode_return_path
 from mtad.outbound.classify import Classification, classify_bounce
-from mtad.store.messages import Message, MessageStatus, find_message, find_messages_by_tokens, last_attempt
+from mtad.store.messages import (
+    Message,
+    MessageStatus,
+    Scope,
+    find_message,
+    find_messages_by_tokens,
+    last_attempt,
+)
 
 #: Postal's words (``Message#bounce!``, ``IncomingMessageProcessor#handle_bounces``).
 BOUNCED_DETAILS = "We've received a bounce message for this e-mail. See <msg:{id}> for details."
@@ -127,6 +134,17 @@ class Original:
     last_attempt: int
 
 
+#: The statuses of a recorded message whose delivery a bounce may have overtaken: its ``Sent`` attempt is
+#: yet to be recorded (the recorder lags, or the delivery's result is still on its way into Redis).
+UNDELIVERED = frozenset({MessageStatus.PENDING, MessageStatus.SOFT_FAIL})
+
+
+def awaits_delivery(message: Message) -> bool:
+    """Whether a report about ``message`` may have overtaken its delivery's result: an outgoing message
+    (not itself a bounce, which is never delivered) recorded as not delivered yet."""
+    return message.scope is Scope.OUTGOING and not message.bounce and message.status in UNDELIVERED
+
+
 @attrs.frozen
 class Lookup:
     """What `find_originals` found: ``how`` is "verp", "postal-msgid" or "none"."""
@@ -135,6 +153,12 @@ class Lookup:
     #: Valid VERP addresses whose message is not recorded (or not of the server the address says).
     missing: tuple[VerpMatch, ...] = ()
     how: str = "none"
+
+    def awaited(self) -> list[int]:
+        """The ids of the messages to wait for before marking anything: not recorded, or not delivered."""
+        return [m.message_id for m in self.missing] + [
+            o.message.id for o in self.originals if awaits_delivery(o.message)
+        ]
 
 
 def find_originals(conn: Connection, found: Candidates) -> Lookup:
@@ -316,7 +340,9 @@ def decide(
                     message_id=message.id,
                     attempt=original.last_attempt + 1,
                     status=MessageStatus.BOUNCED.value,
-                    timestamp=now,
+                    # Never older than the delivery it is about, even if this machine's clock is behind
+                    # the sender's: the recorder lets the newer of two attempts set the status.
+                    timestamp=max(now, message.last_delivery_attempt or 0.0),
                     details=bounced_details(received.id, classification, recipient),
                     code=recipient.smtp_code,
                     output=diagnostic,

@@ -18,7 +18,9 @@ An entry that cannot be processed is tried again later and goes to the back of t
 nothing; after ``max_claims`` tries (failures, or processors that died on it) it is recorded unread, with
 an ``Error`` delivery saying why. An outage (Redis or the database down) is no fault of the entry: it is
 given back uncounted and the loop backs off. A VERP address that checks out but whose message is not
-recorded yet (the recorder lags, a quick bounce overtook it) is waited for, up to ``original_wait``.
+recorded yet, or not recorded as delivered (the recorder lags, a quick bounce overtook it), is waited for,
+up to ``original_wait``: marked before its ``Sent`` attempt is recorded, the message would be ``Sent`` again
+after it.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ class ProcessorSettings:
     ``batch_size`` entries are claimed at a time, each leased for ``lease_seconds``; ``poll_interval``
     is the wait when none is due. A failed entry is due again after ``retry_delay`` seconds, doubling per
     try up to ``max_retry_delay``, until ``max_claims`` tries; an outage backs the loop off from
-    ``outage_delay`` up to ``max_outage_delay``. A VERP match whose message is not recorded is looked up
-    again every ``wait_interval`` seconds for ``original_wait`` seconds after the bounce came.
+    ``outage_delay`` up to ``max_outage_delay``. A match whose message is not recorded, or not as delivered,
+    is looked up again after ``first_wait`` seconds, the wait doubling up to ``wait_interval``, until
+    ``original_wait`` seconds after the bounce came.
     """
 
     batch_size: int = 10
@@ -104,6 +107,7 @@ class ProcessorSettings:
     outage_delay: float = 1.0
     max_outage_delay: float = 60.0
     original_wait: float = 900.0
+    first_wait: float = 1.0
     wait_interval: float = 30.0
 
     def __attrs_post_init__(self) -> None:
@@ -121,6 +125,7 @@ class ProcessorSettings:
                 "max_retry_delay",
                 "outage_delay",
                 "max_outage_delay",
+                "first_wait",
                 "wait_interval",
             )
             if getattr(self, name) <= 0
@@ -201,20 +206,18 @@ class BounceProcessor(Service):
             reading = await self._in_thread(lambda: read(entry.data, entry.mail_from))
             found = candidates(self._secret, self.domains, entry.rcpt_to, reading.report)
             lookup = await self._database.run(find_originals, found)
-            if (
-                lookup.missing
-                and not lookup.originals
-                and now - entry.received_at < self.settings.original_wait
-            ):
-                ids = ", ".join(str(m.message_id) for m in lookup.missing)
+            awaited = lookup.awaited()
+            waited = now - entry.received_at
+            if awaited and waited < self.settings.original_wait:
+                ids = ", ".join(str(i) for i in awaited)
                 self.log.info(
-                    "bounce {bounce_id}: waiting for message {ids} to be recorded",
+                    "bounce {bounce_id}: waiting for the delivery of message {ids} to be recorded",
                     bounce_id=entry.id,
                     ids=ids,
                 )
-                await self._inbox.retry(
-                    entry, now + self.settings.wait_interval, f"waiting for {ids}", counted=False
-                )
+                # The wait doubles: the recorder usually catches up within a second.
+                delay = min(self.settings.wait_interval, max(self.settings.first_wait, waited))
+                await self._inbox.retry(entry, now + delay, f"waiting for {ids}", counted=False)
                 return
             received = _received(entry, reading)
             outcome = decide(received, lookup, now, secret=self._secret, domains=self.domains)

@@ -16,7 +16,7 @@ from mtad.bounces.inbox import BounceInbox, InboxFull
 from mtad.bounces.matching import BOUNCED_DETAILS, UNLINKED_DETAILS
 from mtad.bounces.processor import ProcessingOutage
 from mtad.events.recorder import record_events
-from mtad.events.schema import MessageBounced, SpamComplaint, decode_entry
+from mtad.events.schema import MessageBounced, SpamComplaint, decode_entry, delivery_event
 from mtad.queue.events import parse_entry
 from mtad.queue.model import NewMessage, QueueError
 from mtad.store.messages import MessageStatus, Scope
@@ -482,6 +482,9 @@ class DurabilityTests(BounceTestCase):
             rcpt_to="user@example.com",
         )
         [message_id] = await self.queue.enqueue(b"x", [queued], NOW)
+        [claimed] = await self.queue.claim(NOW, 10, 300, "worker")
+        sent = delivery_event(claimed, status="Sent", timestamp=NOW, details="ok", code=250)
+        self.assertTrue(await self.queue.ack(claimed.id, claimed.lease_token, sent))
         address = self.verp(message_id)
         entry_id = await self.inbox.add(
             mail_from="", rcpt_to=[address], data=samples.dsn(address), received_with_ssl=False, client_ip="x"
@@ -496,6 +499,47 @@ class DurabilityTests(BounceTestCase):
         self.assertEqual(await processor.run_once(), 1)
         await self.record()
         self.assertEqual(self.message(message_id).status, MessageStatus.BOUNCED)
+
+    async def test_waits_for_the_delivery_to_be_recorded(self) -> None:
+        """A bounce that overtakes the recording of its message's Sent attempt (seen in CI: the remote
+        server's DSN came before the delivery's result was recorded) waits for it, the wait doubling from
+        one second; marked before it, the message would turn Sent again. The Bounced attempt is never older
+        than the Sent one, even when the sending machine's clock is ahead."""
+        queued = NewMessage(
+            token="tokrace",
+            server_id=SERVER,
+            scope="outgoing",
+            mail_from="app@example.org",
+            rcpt_to="user@example.com",
+        )
+        [message_id] = await self.queue.enqueue(b"x", [queued], NOW)
+        await self.record()
+        self.assertEqual(self.message(message_id).status, MessageStatus.PENDING)
+        [claimed] = await self.queue.claim(NOW, 10, 300, "worker")
+        address = self.verp(message_id)
+        await self.inbox.add(
+            mail_from="", rcpt_to=[address], data=samples.dsn(address), received_with_ssl=False, client_ip="x"
+        )
+        processor = self.processor()
+        self.assertEqual(await processor.run_once(), 1)
+        waits = []
+        for _ in range(3):
+            before = self.clock.seconds()
+            while not await processor.run_once():
+                self.clock.advance(0.5)
+            waits.append(self.clock.seconds() - before)
+            self.assertEqual(await self.events(MessageBounced.TYPE), [])
+        self.assertEqual(waits, [1.0, 1.0, 2.0])
+        # The delivery's result comes, stamped by a machine whose clock runs an hour ahead.
+        sent = delivery_event(claimed, status="Sent", timestamp=NOW + 3600, details="ok", code=250)
+        self.assertTrue(await self.queue.ack(claimed.id, claimed.lease_token, sent))
+        await self.record()
+        self.clock.advance(60)
+        self.assertEqual(await processor.run_once(), 1)
+        await self.record()
+        self.assertEqual(self.message(message_id).status, MessageStatus.BOUNCED)
+        statuses = [(d.attempt, d.status) for d in self.deliveries(message_id)]
+        self.assertEqual(statuses, [(1, MessageStatus.SENT), (2, MessageStatus.BOUNCED)])
 
     async def test_poison_does_not_block_and_is_recorded_in_the_end(self) -> None:
         """An entry that fails every time goes to the back (the next is processed) and after max_claims
