@@ -226,6 +226,91 @@ class SpamComplaint:
     bounce_timestamp: float | None = None
 
 
+@attrs.frozen(kw_only=True)
+class SendLimitApproaching:
+    """A server's messages in its send-limit window reached 90 % of the limit (``volume`` of ``limit``
+    per ``period`` seconds). At most one per server per ``mtad.limits`` notice interval (an hour)."""
+
+    TYPE: ClassVar[str] = "server.send_limit_approaching"
+
+    server_id: int
+    server_uuid: str
+    server_name: str
+    server_permalink: str
+    organization_permalink: str
+    volume: int
+    limit: int
+    period: int
+    timestamp: float
+
+
+@attrs.frozen(kw_only=True)
+class SendLimitExceeded:
+    """A server's send limit was reached: new messages are held (or refused, per ``action``) until the
+    window has room again. At most one per server per notice interval (an hour)."""
+
+    TYPE: ClassVar[str] = "server.send_limit_exceeded"
+
+    server_id: int
+    server_uuid: str
+    server_name: str
+    server_permalink: str
+    organization_permalink: str
+    volume: int
+    limit: int
+    period: int
+    action: str = attrs.field(metadata=_choices("Hold", "Refuse"))
+    timestamp: float
+
+
+@attrs.frozen(kw_only=True)
+class DomainDNSError:
+    """The automatic (hourly) DNS check found a server-owned domain's records wrong (Postal fires it from
+    ``check_dns(:auto)`` only, for domains a server owns). Statuses ``OK`` | ``Missing`` | ``Invalid``."""
+
+    TYPE: ClassVar[str] = "domain.dns_error"
+
+    server_id: int
+    server_uuid: str
+    server_name: str
+    server_permalink: str
+    organization_permalink: str
+    domain: str
+    domain_uuid: str
+    dns_checked_at: float
+    spf_status: str | None = None
+    spf_error: str | None = None
+    dkim_status: str | None = None
+    dkim_error: str | None = None
+    mx_status: str | None = None
+    mx_error: str | None = None
+    return_path_status: str | None = None
+    return_path_error: str | None = None
+    timestamp: float
+
+
+@attrs.frozen(kw_only=True)
+class ServerSuspended:
+    """mtad suspended a server by itself: its bounce or complaint rate over ``window`` seconds passed the
+    configured threshold (``rate`` of ``volume`` sent, against ``threshold``). ``kind`` says which; the
+    server sends nothing until an operator lifts it (``mtad unsuspend-server``)."""
+
+    TYPE: ClassVar[str] = "server.suspended"
+
+    server_id: int
+    server_uuid: str
+    server_name: str
+    server_permalink: str
+    organization_permalink: str
+    kind: str = attrs.field(metadata=_choices("bounce_rate", "complaint_rate"))
+    rate: float
+    threshold: float
+    volume: int
+    window: int
+    reason: str
+    timestamp: float
+
+
 class QueuedMessage(Protocol):
     """What `delivery_event` reads of a queued message (the queue's claimed and held messages)."""
 
@@ -274,12 +359,44 @@ def delivery_event(
     )
 
 
-AnyEvent: TypeAlias = MessageQueued | MessageDelivery | MessageSuppressed | MessageBounced | SpamComplaint
+AnyEvent: TypeAlias = (
+    MessageQueued
+    | MessageDelivery
+    | MessageSuppressed
+    | MessageBounced
+    | SpamComplaint
+    | SendLimitApproaching
+    | SendLimitExceeded
+    | DomainDNSError
+    | ServerSuspended
+)
 
 EVENT_CLASSES: dict[str, type[AnyEvent]] = {
     cls.TYPE: cls
-    for cls in (MessageQueued, MessageDelivery, MessageSuppressed, MessageBounced, SpamComplaint)
+    for cls in (
+        MessageQueued,
+        MessageDelivery,
+        MessageSuppressed,
+        MessageBounced,
+        SpamComplaint,
+        SendLimitApproaching,
+        SendLimitExceeded,
+        DomainDNSError,
+        ServerSuspended,
+    )
 }
+
+
+def server_fields(server: Any) -> dict[str, Any]:
+    """The server fields of server-level events, from which webhooks build Postal's server object
+    (``Server#webhook_hash``), for ``server`` (a ``mtad.store.servers.Server``) as keyword arguments."""
+    return {
+        "server_id": server.id,
+        "server_uuid": server.uuid,
+        "server_name": server.name,
+        "server_permalink": server.permalink,
+        "organization_permalink": server.organization_permalink,
+    }
 
 
 @attrs.frozen

@@ -78,6 +78,8 @@ class Domain:
     return_path_error: str | None
     dns_checked_at: float | None
     created_at: float
+    #: Names the domain to webhook receivers (Postal's ``uuid``).
+    uuid: str = ""
 
     @property
     def verified(self) -> bool:
@@ -189,6 +191,7 @@ _DOMAIN_COLUMNS = (
     domains.c.return_path_error,
     domains.c.dns_checked_at,
     domains.c.created_at,
+    domains.c.uuid,
 )
 
 
@@ -211,6 +214,7 @@ def _domain(row: sa.Row[*tuple[Any, ...]]) -> Domain:
         return_path_error=row.return_path_error,
         dns_checked_at=row.dns_checked_at,
         created_at=row.created_at,
+        uuid=row.uuid,
     )
 
 

@@ -20,6 +20,15 @@ TOKEN_ALPHABET = string.ascii_lowercase + string.digits
 TOKEN_LENGTH = 6
 
 
+class SendLimitAction(enum.StrEnum):
+    """What a message over its server's send limit gets."""
+
+    #: Accepted and held until the window has room again, then released (Postal holds them for good).
+    HOLD = "Hold"
+    #: Refused, to be tried again later: ``451 4.7.1`` at SMTP, an error at the send API.
+    REFUSE = "Refuse"
+
+
 class ServerMode(enum.StrEnum):
     LIVE = "Live"
     #: Outgoing mail is held rather than delivered, for trying an integration safely (as in Postal).
@@ -44,6 +53,9 @@ class Server:
     #: Whether the Sender domain may authenticate a message whose From domain is not (Postal's
     #: ``allow_sender``): From-authentication of the HTTP API and of SMTP both read it.
     allow_sender: bool = False
+    #: Names the server to webhook receivers (Postal's ``uuid``).
+    uuid: str = ""
+    send_limit_action: SendLimitAction = SendLimitAction.HOLD
 
     @property
     def full_permalink(self) -> str:
@@ -65,6 +77,8 @@ _SELECT = sa.select(
     servers.c.send_limit_period,
     servers.c.created_at,
     servers.c.allow_sender,
+    servers.c.uuid,
+    servers.c.send_limit_action,
 ).join_from(servers, organizations, servers.c.organization_id == organizations.c.id)
 
 
@@ -83,6 +97,8 @@ def _from_row(row: sa.Row[*tuple[Any, ...]]) -> Server:
         send_limit_period=row.send_limit_period,
         created_at=row.created_at,
         allow_sender=bool(row.allow_sender),
+        uuid=row.uuid,
+        send_limit_action=SendLimitAction(row.send_limit_action),
     )
 
 

@@ -22,6 +22,7 @@ Conventions, chosen so that one schema runs unchanged on SQLite, PostgreSQL and 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,6 +38,10 @@ NAMING_CONVENTION = {
 }
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _new_uuid() -> str:
+    return str(uuid.uuid4())
 
 #: Table options: InnoDB with a 4-byte UTF-8 character set on MySQL/MariaDB; ignored elsewhere.
 TABLE_OPTIONS: dict[str, Any] = {
@@ -85,6 +90,10 @@ servers = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False),
     # Whether the Sender domain may authenticate a message whose From domain is not (Postal's setting).
     sa.Column("allow_sender", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    # Names the server to webhook receivers (Postal's ``uuid``); made on insert.
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True, default=_new_uuid),
+    # What a message over the send limit gets: ``Hold`` (Postal's way) or ``Refuse`` (451 4.7.1).
+    sa.Column("send_limit_action", sa.String(16), nullable=False, default="Hold", server_default="Hold"),
     sa.UniqueConstraint("organization_id", "permalink"),
     **TABLE_OPTIONS,
 )
@@ -220,6 +229,8 @@ domains = sa.Table(
     sa.Column("dns_checked_at", Timestamp, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
+    # Names the domain to webhook receivers (``DomainDNSError``'s ``uuid``); made on insert.
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True, default=_new_uuid),
     # NULLs are distinct in unique constraints on every backend, so each applies to its kind of owner only.
     sa.UniqueConstraint("server_id", "name"),
     sa.UniqueConstraint("organization_id", "name"),
