@@ -43,6 +43,7 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 def _new_uuid() -> str:
     return str(uuid.uuid4())
 
+
 #: Table options: InnoDB with a 4-byte UTF-8 character set on MySQL/MariaDB; ignored elsewhere.
 TABLE_OPTIONS: dict[str, Any] = {
     "mysql_engine": "InnoDB",

@@ -24,10 +24,10 @@ depends_on: str | None = None
 
 def _fill_uuids(table: str) -> None:
     conn = op.get_bind()
-    ids = conn.execute(sa.text(f"SELECT id FROM {table}")).scalars().all()  # noqa: S608 (a constant)
+    ids = conn.execute(sa.text(f"SELECT id FROM {table}")).scalars().all()
     for row_id in ids:
         conn.execute(
-            sa.text(f"UPDATE {table} SET uuid = :uuid WHERE id = :id"),  # noqa: S608
+            sa.text(f"UPDATE {table} SET uuid = :uuid WHERE id = :id"),
             {"uuid": str(uuid.uuid4()), "id": row_id},
         )
 
@@ -41,9 +41,7 @@ def upgrade() -> None:
             batch.alter_column("uuid", existing_type=sa.String(36), nullable=False)
             batch.create_unique_constraint(f"uq_{table}_uuid", ["uuid"])
     with op.batch_alter_table("servers") as batch:
-        batch.add_column(
-            sa.Column("send_limit_action", sa.String(16), nullable=False, server_default="Hold")
-        )
+        batch.add_column(sa.Column("send_limit_action", sa.String(16), nullable=False, server_default="Hold"))
 
 
 def downgrade() -> None:
