@@ -151,6 +151,10 @@ REFUSAL_ERRORS = {
         "QueueUnavailable",
         "The queue is unavailable; the message was not queued, try again later",
     ),
+    Refusal.SEND_LIMIT_EXCEEDED: (
+        "SendLimitExceeded",
+        "The mail server's send limit has been reached; the message was not queued, try again later",
+    ),
 }
 
 

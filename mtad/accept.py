@@ -197,6 +197,7 @@ class Acceptor:
         message: bytes,
         *,
         hold_reason: str | None = None,
+        limit_hold: bool = False,
         tag: str | None = None,
         received_with_ssl: bool = False,
     ) -> list[AcceptedMessage]:
@@ -204,8 +205,10 @@ class Acceptor:
 
         ``hold_reason`` (e.g. the credential is set to hold) is stored with each message, and the
         delivery service holds such messages rather than delivering them; a server in development mode
-        holds with Postal's reason when the caller gave none. ``tag`` defaults to the message's
-        ``X-Postal-Tag`` field, as in Postal. Raises `ServerSuspended` or `RedisUnavailable`.
+        holds with Postal's reason when the caller gave none. ``limit_hold``: the hold is the server's
+        send limit's, which releases it when its window has room (`mtad.limits.release`). ``tag``
+        defaults to the message's ``X-Postal-Tag`` field, as in Postal. Raises `ServerSuspended` or
+        `RedisUnavailable`.
 
         Every way in submits through here, so an outgoing message (a submission) lacking Date or
         Message-ID gets them here, before anything stores or signs it (`complete_submission`); its
@@ -236,6 +239,8 @@ class Acceptor:
             fields["tag"] = tag
         if hold_reason:
             fields["hold_reason"] = hold_reason
+            if limit_hold:
+                fields["limit_hold"] = str(server.id)
         event = {
             "subject": headers.subject,
             "message_id": headers.message_id,

@@ -48,6 +48,8 @@ from mtad.events.consumer import StreamConsumer
 from mtad.events.recorder import GROUP as RECORDER_GROUP
 from mtad.events.recorder import Recorder
 from mtad.events.trim import StreamTrim
+from mtad.limits.release import SendLimitRelease
+from mtad.limits.window import SendWindow
 from mtad.mail.dkim import DKIMKey
 from mtad.mail.dkim_keys import RSA, dkim_txt_value, load_or_create_key
 from mtad.outbound.deliverer import Deliverer, DelivererConfig
@@ -71,7 +73,7 @@ from mtad.store.db import Database
 from mtad.store.domains import find_sending_domain
 from mtad.store.migrate import schema_problem, upgrade_schema
 from mtad.store.raw_messages import RawMessageRetention
-from mtad.store.servers import Server
+from mtad.store.servers import Server, find_server
 from mtad.store.suppressions import SuppressionExpiry
 from mtad.store.webhooks import WebhookRequestRetention
 from mtad.submission.policy import SubmissionPolicy
@@ -131,6 +133,7 @@ class MtadService(Service):
         self.webhook_signer: WebhookSigner | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.bounce_inbox: BounceInbox | None = None
+        self.send_window: SendWindow | None = None
         self.verp_secret = b""
 
     # -- start --------------------------------------------------------------------------------------------
@@ -261,6 +264,16 @@ class MtadService(Service):
         hold_expiry = HoldExpiry(self._reactor, self.queue, config.delivery.hold_days * 86400)
         hold_expiry.startService()
         self._on_stop("hold expiry", hold_expiry.stopService)
+        self.send_window = SendWindow(self.redis, notice_seconds=config.limits.notice_interval)
+        database = self.database
+        release = SendLimitRelease(
+            self._reactor,
+            self.send_window,
+            lambda server_id: database.run(find_server, server_id),
+            interval=config.limits.release_interval,
+        )
+        release.startService()
+        self._on_stop("send limit release", release.stopService)
         acceptor = Acceptor(
             self.queue,
             self._reactor,
@@ -536,7 +549,13 @@ class MtadService(Service):
         assert self.bounce_inbox is not None
         policy = RelayPolicy(
             self._reactor,
-            SubmissionPolicy(self._reactor, database, acceptor, sending_domain_check=self._may_send_from),
+            SubmissionPolicy(
+                self._reactor,
+                database,
+                acceptor,
+                sending_domain_check=self._may_send_from,
+                send_window=self.send_window,
+            ),
             listeners_without_auth=without_auth,
             # Bounces come back to the return path domain from anyone, unauthenticated; parsed, not relayed.
             return_path_domains=frozenset({config.domains.return_path_domain}),
@@ -625,7 +644,13 @@ class MtadService(Service):
             self._reactor,
             database,
             # Sender may stand in for From where the server has allow_sender (the policy's default).
-            SubmissionPolicy(self._reactor, database, acceptor, sending_domain_check=self._may_send_from),
+            SubmissionPolicy(
+                self._reactor,
+                database,
+                acceptor,
+                sending_domain_check=self._may_send_from,
+                send_window=self.send_window,
+            ),
             queue,
             max_message_size=config.smtp.max_message_size,
             hostname=config.general.hostname,

@@ -234,19 +234,51 @@ class _Commands:
             self.print(_ALLOW_SENDER_ON)
 
     def set_server(self, args: argparse.Namespace) -> None:
-        if args.allow_sender is None:
-            raise CommandError("nothing to change: give --allow-sender or --no-allow-sender")
+        limit_given = any(
+            v is not None for v in (args.send_limit, args.send_limit_period, args.send_limit_action)
+        )
+        if args.allow_sender is None and not limit_given and args.suspend is None and not args.unsuspend:
+            raise CommandError(
+                "nothing to change: give --allow-sender/--no-allow-sender, --send-limit, "
+                "--send-limit-period, --send-limit-action, --suspend or --unsuspend"
+            )
+        if args.suspend is not None and args.unsuspend:
+            raise CommandError("give --suspend or --unsuspend, not both")
+        said: list[str] = []
 
         def update(conn: Connection) -> server_store.Server:
+            now = time.time()
             server = server_store.get_server_by_name(conn, args.server)
-            return server_store.set_allow_sender(conn, server.id, args.allow_sender, time.time())
+            if args.allow_sender is not None:
+                server = server_store.set_allow_sender(conn, server.id, args.allow_sender, now)
+                said.append(
+                    _ALLOW_SENDER_ON
+                    if server.allow_sender
+                    else "only the From domain authenticates its messages"
+                )
+            if limit_given:
+                limit = server.send_limit if args.send_limit is None else args.send_limit
+                if args.send_limit == _NO_LIMIT:
+                    limit = None
+                period = server.send_limit_period
+                if args.send_limit_period is not None:
+                    period = args.send_limit_period
+                action = server.send_limit_action
+                if args.send_limit_action is not None:
+                    action = server_store.SendLimitAction(args.send_limit_action.capitalize())
+                server = server_store.set_send_limit(conn, server.id, limit, period, action, now)
+                said.append(_send_limit_text(server))
+            if args.suspend is not None:
+                server_store.suspend_server(conn, server.id, args.suspend or "Suspended by an operator", now)
+                said.append("suspended: it sends nothing and its API keys and SMTP logins are refused")
+            elif args.unsuspend:
+                server_store.suspend_server(conn, server.id, None, now)
+                said.append("no longer suspended")
+            return server
 
         server = self.transaction(update)
         self.print(
-            f"server {server.full_permalink}: "
-            + (
-                _ALLOW_SENDER_ON if server.allow_sender else "only the From domain authenticates its messages"
-            ),
+            *(f"server {server.full_permalink}: {line}" for line in said),
             "(running daemons see the change within a minute)",
         )
 
@@ -286,14 +318,17 @@ class _Commands:
     def list_servers(self, args: argparse.Namespace) -> None:
         servers = self.transaction(lambda conn: server_store.list_servers(conn, args.organization))
         self._table(
-            ["SERVER", "NAME", "MODE", "TOKEN", "SUSPENDED", "ALLOW SENDER"],
+            ["SERVER", "NAME", "MODE", "TOKEN", "SUSPENDED", "SEND LIMIT", "ALLOW SENDER"],
             [
                 [
                     s.full_permalink,
                     s.name,
                     s.mode,
                     s.token,
-                    "yes" if s.suspended else "no",
+                    f"yes: {s.suspension_reason}" if s.suspended else "no",
+                    "-"
+                    if s.send_limit is None
+                    else f"{s.send_limit}/{s.send_limit_period or 3600}s {s.send_limit_action.value.lower()}",
                     "yes" if s.allow_sender else "no",
                 ]
                 for s in servers
@@ -965,6 +1000,22 @@ _ALLOW_SENDER_HELP = (
 )
 
 
+#: ``--send-limit none``: parsed apart from "not given" (None).
+_NO_LIMIT = 0
+
+
+def _limit_or_none(text: str) -> int:
+    return _NO_LIMIT if text.strip().lower() == "none" else _positive(text)
+
+
+def _send_limit_text(server: server_store.Server) -> str:
+    if server.send_limit is None:
+        return "no send limit"
+    action = "held until there is room" if server.send_limit_action.value == "Hold" else "refused (451 4.7.1)"
+    period = server.send_limit_period or 3600
+    return f"send limit {server.send_limit} messages per {period} s; messages over it are {action}"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtad", description="Operate an mtad installation's database.")
     parser.add_argument("--config", "-c", metavar="PATH", help="TOML configuration file (default: built-in)")
@@ -987,6 +1038,26 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("set-server", help="change a server's settings")
     p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
     p.add_argument("--allow-sender", action=argparse.BooleanOptionalAction, help=_ALLOW_SENDER_HELP)
+    p.add_argument(
+        "--send-limit",
+        metavar="N",
+        type=_limit_or_none,
+        help="messages (one per recipient) the server may send per window; 'none' removes the limit",
+    )
+    p.add_argument(
+        "--send-limit-period",
+        metavar="SECONDS",
+        type=_positive,
+        help="the rolling window's length (default 3600, at least 60)",
+    )
+    p.add_argument(
+        "--send-limit-action",
+        choices=["hold", "refuse"],
+        help="what a message over the limit gets: held and released when there is room (default), "
+        "or refused with 451 4.7.1 / a SendLimitExceeded error",
+    )
+    p.add_argument("--suspend", metavar="REASON", help="suspend the server: it sends nothing")
+    p.add_argument("--unsuspend", action="store_true", help="lift a suspension")
 
     p = commands.add_parser("make-credential", help="create a credential; prints its secret once")
     p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")

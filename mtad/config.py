@@ -297,6 +297,18 @@ class SuppressionConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """``[limits]``: servers' send limits (`mtad.limits`); each server's limit, window and action (hold or
+    refuse) are set with ``mtad set-server``."""
+
+    #: Seconds between looks for messages held by a send limit that the window has room for now.
+    release_interval: float = attrs.field(default=10.0, metadata=_check(_positive))
+    #: Seconds between two ``SendLimitApproaching`` (or two ``SendLimitExceeded``) events of one server
+    #: (Postal: an hour).
+    notice_interval: int = attrs.field(default=3600, metadata=_check(_positive))
+
+
+@attrs.frozen
 class SourceAddressConfig:
     #: Local address outbound connections bind to.
     ip: str
@@ -324,6 +336,7 @@ class Config:
     events: EventsConfig = EventsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     suppression: SuppressionConfig = SuppressionConfig()
+    limits: LimitsConfig = LimitsConfig()
     #: Named sets of source addresses. With none, a pool named ``default`` uses the system's choice of
     #: source address and ``general.hostname`` as HELO name.
     ip_pools: tuple[IPPoolConfig, ...] = ()

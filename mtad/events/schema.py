@@ -467,8 +467,15 @@ def queued_tail(event: MessageQueued) -> str:
     The script writes ``{"id":<id>,"raw_message_id":<body id>,`` in front, so the ids it allocates reach
     the stream without a JSON round trip in Lua; the keys that follow are still sorted after those two.
     """
+    return json_tail(event, "id", "raw_message_id")
+
+
+def json_tail(event: AnyEvent, *omit: str) -> str:
+    """``event``'s JSON without its opening brace and without the fields ``omit``, for a Lua script that
+    writes those fields (values only it knows) in front."""
     data = to_dict(event)
-    del data["id"], data["raw_message_id"]
+    for name in omit:
+        del data[name]
     return _json(data)[1:]
 
 

@@ -25,6 +25,13 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 ``<p>webhooks:due``            ZSET uuid → next attempt time
 ``<p>webhooks:leased``         ZSET uuid → lease deadline (a dispatcher is POSTing it)
 ``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
+``<p>send_window:{<s>}``       hash bucket number → messages of server ``<s>`` counted against its send
+                               limit in that bucket (a rolling window of 60 buckets, `SEND_RESERVE`)
+``<p>send_notice:{<s>}:<kind>`` string with a TTL: a ``SendLimitApproaching``/``Exceeded`` event of server
+                               ``<s>`` went out within the notice interval (at most one an hour)
+``<p>limit_held:{<s>}``        ZSET id → time held: messages of server ``<s>`` held by its send limit,
+                               released oldest first as the window has room (`SEND_RELEASE`)
+``<p>limit_held_servers``      SET of the servers with messages in ``limit_held``
 ``<p>softfail:{<s>:<addr>}``   SET of the stream ids of a recipient's soft failures since its last
                                success (server id ``<s>``), with a TTL; the suppression trigger
                                counts them
@@ -139,6 +146,22 @@ class QueueKeys:
 
     def auth_failures(self, client_ip: str) -> str:
         return f"{self.prefix}authfail:{client_ip}"
+
+    def send_window(self, server_id: int) -> str:
+        """The buckets of a server's send-limit window (`SEND_RESERVE`)."""
+        return f"{self.prefix}send_window:{{{server_id}}}"
+
+    def send_notice(self, server_id: int, kind: str) -> str:
+        """Set while a server's ``kind`` ("approaching", "exceeded") notice is not due again."""
+        return f"{self.prefix}send_notice:{{{server_id}}}:{kind}"
+
+    def limit_held(self, server_id: int) -> str:
+        """The messages of a server held by its send limit (the ``HOLD`` script adds them)."""
+        return f"{self.prefix}limit_held:{{{server_id}}}"
+
+    @property
+    def limit_held_servers(self) -> str:
+        return f"{self.prefix}limit_held_servers"
 
     def soft_failures(self, server_id: int, address: str) -> str:
         """The soft failures in a row of one recipient of one server (`mtad.suppression.trigger`)."""
@@ -357,6 +380,12 @@ redis.call('ZREM', K_LEASED, id)
 clear_lease(mkey)
 redis.call('HSET', mkey, 'state', 'held', 'held_at', now)
 redis.call('ZADD', K_HELD, now, id)
+-- Held by its server's send limit (``limit_hold`` names the server): SEND_RELEASE lets it go.
+local limited = redis.call('HGET', mkey, 'limit_hold')
+if limited then
+  redis.call('ZADD', PREFIX .. 'limit_held:{' .. limited .. '}', now, id)
+  redis.call('SADD', PREFIX .. 'limit_held_servers', limited)
+end
 add_event(ARGV[5], ARGV[6])
 return 1
 """,
@@ -370,8 +399,10 @@ RELEASE_HELD = Script.of(
 local id, now = ARGV[2], ARGV[3]
 local mkey = msg_key(id)
 if redis.call('ZREM', K_HELD, id) == 0 then return 0 end
+local limited = redis.call('HGET', mkey, 'limit_hold')
+if limited then redis.call('ZREM', PREFIX .. 'limit_held:{' .. limited .. '}', id) end
 -- A released message is delivered: drop the reason it was held for, or delivery would hold it again.
-redis.call('HDEL', mkey, 'held_at', 'hold_reason')
+redis.call('HDEL', mkey, 'held_at', 'hold_reason', 'limit_hold')
 redis.call('HSET', mkey, 'state', 'due', 'due_at', now)
 redis.call('ZADD', K_DUE, now, id)
 return 1
@@ -759,5 +790,99 @@ redis.call('HSET', rkey, 'attempts', ARGV[5])
 redis.call('ZREM', K_LEASED, uuid)
 redis.call('ZADD', K_DUE, ARGV[4], uuid)
 return 1
+""",
+)
+
+
+# -- send limits (`mtad.limits.window`) ------------------------------------------------------------------
+# A server's window is 60 buckets of period/60 seconds (at least one second): its volume is the sum of the
+# buckets that end inside the last ``period`` seconds, so a message leaves the window at most one bucket
+# early, and the count costs one small hash per server however many messages it sends.
+
+_WINDOW = r"""
+local function window_volume(wkey, now, period, bucket)
+  local first = math.floor((now - period) / bucket) + 1
+  local flat = redis.call('HGETALL', wkey)
+  local volume, stale = 0, {}
+  for i = 1, #flat, 2 do
+    if tonumber(flat[i]) < first then stale[#stale + 1] = flat[i]
+    else volume = volume + tonumber(flat[i + 1]) end
+  end
+  if #stale > 0 then redis.call('HDEL', wkey, unpack(stale)) end
+  return volume
+end
+local function window_add(wkey, now, period, bucket, n)
+  redis.call('HINCRBY', wkey, string.format('%d', math.floor(now / bucket)), n)
+  redis.call('PEXPIRE', wkey, math.ceil((period + bucket) * 1000))
+end
+"""
+
+# KEYS: window, approaching notice, exceeded notice, events stream
+# ARGV: now, n, limit, period, bucket, notice_seconds, approaching_tail, exceeded_tail
+# Counts ``n`` messages if they fit under ``limit``; returns {fits (0/1), volume (after counting)}. When the
+# window reaches 90 % (approaching) or the limit, or messages do not fit (exceeded), appends that notice's
+# event, at most once per ``notice_seconds``: the tails are the events' JSON without its opening brace and
+# without ``volume``, which the script puts in front.
+SEND_RESERVE = Script.of(
+    "send_reserve",
+    _WINDOW
+    + r"""
+local now, n, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local period, bucket = tonumber(ARGV[4]), tonumber(ARGV[5])
+local volume = window_volume(KEYS[1], now, period, bucket)
+local fits = volume + n <= limit
+if fits then
+  window_add(KEYS[1], now, period, bucket, n)
+  volume = volume + n
+end
+local function notice(key, etype, tail)
+  if redis.call('SET', key, '1', 'NX', 'EX', ARGV[6]) then
+    redis.call('XADD', KEYS[4], '*', 'type', etype, 'data', '{"volume":' .. volume .. ',' .. tail)
+  end
+end
+if (not fits) or volume >= limit then
+  notice(KEYS[3], 'server.send_limit_exceeded', ARGV[8])
+elseif volume * 10 >= limit * 9 then
+  notice(KEYS[2], 'server.send_limit_approaching', ARGV[7])
+end
+if fits then return {1, volume} end
+return {0, volume}
+""",
+)
+
+# KEYS: the queue keys (`QueueKeys.queue_keys`), then window, limit_held index, limit_held_servers
+# ARGV: prefix, now, limit ('' = none: release all), period, bucket, server_id, batch
+# Releases the oldest limit-held messages the window has room for (at most ``batch``), counting them in
+# the window; drops index entries of messages no longer held (released or cancelled by hand, expired).
+# Returns {released, still held by the limit}.
+SEND_RELEASE = Script.of(
+    "send_release",
+    _COMMON
+    + _WINDOW
+    + r"""
+local W, IDX, SERVERS = KEYS[8], KEYS[9], KEYS[10]
+local now, period, bucket = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local room = tonumber(ARGV[7])
+if ARGV[3] ~= '' then
+  room = math.min(room, tonumber(ARGV[3]) - window_volume(W, now, period, bucket))
+end
+local released = 0
+if room > 0 then
+  local ids = redis.call('ZRANGE', IDX, 0, room - 1)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', IDX, id)
+    local mkey = msg_key(id)
+    if redis.call('ZREM', K_HELD, id) == 1 then
+      redis.call('HDEL', mkey, 'held_at', 'hold_reason', 'limit_hold')
+      redis.call('HSET', mkey, 'state', 'due', 'due_at', ARGV[2])
+      redis.call('ZADD', K_DUE, ARGV[2], id)
+      released = released + 1
+    end
+  end
+  if released > 0 and ARGV[3] ~= '' then window_add(W, now, period, bucket, released) end
+end
+local left = redis.call('ZCARD', IDX)
+if left == 0 then redis.call('SREM', SERVERS, ARGV[6]) end
+return {released, left}
 """,
 )

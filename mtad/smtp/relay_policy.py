@@ -59,6 +59,9 @@ TRY_AGAIN = Reply(451, "4.3.0", "Temporary failure, try again later")
 QUEUE_UNAVAILABLE = Reply(451, "4.3.0", "Queue temporarily unavailable, try again later")
 #: RFC 3463 X.3.1 "mail system full"; 452 per RFC 5321 §4.2.2 (insufficient system storage).
 QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+#: RFC 3463 X.7.1 with a 4yz code: the server's send limit is reached and it refuses what is over it;
+#: the client keeps the message and tries again later, when the rolling window has room.
+SEND_LIMIT_EXCEEDED = Reply(451, "4.7.1", "Send limit exceeded for this mail server, try again later")
 #: A return-path recipient after relay recipients, or the other way round. 452 with X.5.3 ("too many
 #: recipients", RFC 3463 §3.6) is RFC 5321 §4.5.3.1.10's answer for "not in this transaction": clients
 #: deliver to the recipients accepted and retry this one in a transaction of its own.
@@ -84,6 +87,7 @@ _REFUSALS = {
     Refusal.FROM_NOT_ALLOWED: FROM_NOT_ALLOWED,
     Refusal.QUEUE_FULL: QUEUE_FULL,
     Refusal.QUEUE_UNAVAILABLE: QUEUE_UNAVAILABLE,
+    Refusal.SEND_LIMIT_EXCEEDED: SEND_LIMIT_EXCEEDED,
 }
 
 

@@ -227,3 +227,32 @@ def set_allow_sender(conn: Connection, id: int, allow: bool, now: float) -> Serv
     if result.rowcount == 0:
         raise NotFound(f"no server with id {id}")
     return get_server(conn, id)
+
+
+def set_send_limit(
+    conn: Connection,
+    id: int,
+    limit: int | None,
+    period: int | None,
+    action: SendLimitAction,
+    now: float,
+) -> Server:
+    """Set a server's send limit: ``limit`` messages per ``period`` seconds (``None``: an hour), what a
+    message over it gets; ``limit`` None removes the limit. The server as now."""
+    if limit is not None and limit < 1:
+        raise StoreError(f"a send limit must be at least 1, got {limit}")
+    if period is not None and period < 60:
+        raise StoreError(f"a send limit period must be at least 60 seconds, got {period}")
+    result = conn.execute(
+        servers.update()
+        .where(servers.c.id == id)
+        .values(
+            send_limit=limit,
+            send_limit_period=period,
+            send_limit_action=SendLimitAction(action).value,
+            updated_at=now,
+        )
+    )
+    if result.rowcount == 0:
+        raise NotFound(f"no server with id {id}")
+    return get_server(conn, id)

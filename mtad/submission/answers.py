@@ -1,8 +1,8 @@
 """The policy's answers: who submits, yes (and held or not), no and why, queued.
 
 The answers are values the ways in translate, never replies: SMTP words a `Refusal` as a reply with an
-enhanced status code (RFC 3463), the send API as Postal's error code. Adding a reason (send limits will
-add a `HoldReason`) is a change here and one line in each translation.
+enhanced status code (RFC 3463), the send API as Postal's error code. Adding a reason is a change here
+and one line in each translation.
 """
 
 from __future__ import annotations
@@ -40,17 +40,23 @@ class Refusal(enum.Enum):
     QUEUE_FULL = "queue-full"
     #: Redis did not answer: nothing was queued, try again later.
     QUEUE_UNAVAILABLE = "queue-unavailable"
+    #: The server's send limit is reached and it refuses (rather than holds) what is over it: try later.
+    SEND_LIMIT_EXCEEDED = "send-limit-exceeded"
 
 
 class HoldReason(enum.Enum):
-    """Why an accepted message is held instead of delivered; the value is Postal's delivery details.
-
-    The send-limit issue adds its reason here (Postal's "hold, send limit exceeded"), decided in
-    `SubmissionPolicy.hold_reason`.
-    """
+    """Why an accepted message is held instead of delivered; the value is Postal's delivery details
+    (`hold_details` fills in the limit)."""
 
     CREDENTIAL = "Credential is configured to hold all messages authenticated by it."
     DEVELOPMENT_MODE = DEVELOPMENT_MODE_HOLD
+    #: Postal's words (``OutgoingMessageProcessor``); released when the window has room again.
+    SEND_LIMIT = "Message held because send limit ({limit}) has been reached."
+
+
+def hold_details(reason: HoldReason, server: Server) -> str:
+    """The delivery details of a message held for ``reason``."""
+    return reason.value.format(limit=server.send_limit)
 
 
 @attrs.frozen

@@ -10,21 +10,37 @@ The checks come in the order a way in needs them, since Postal's clients expect 
 (``send/message`` checks its From between its other parameter checks): `api_submitter` /
 `smtp_submitter` / `session_submitter`, then `may_send_as` or `may_send_message` (which give the
 `Permit`), then `submit`.
+
+Send limits are decided in `submit`, when the number of recipients is known: a message not held for
+another reason is counted in its server's window (`mtad.limits.window`) if it fits; if it does not, it is
+held (``HoldReason.SEND_LIMIT``, released by `mtad.limits.release` when there is room) or refused
+(``Refusal.SEND_LIMIT_EXCEEDED``), as the server's ``send_limit_action`` says. A message held for another
+reason is not counted: it is not sent unless released, and the count is of messages sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtad.accept import Acceptor, ServerSuspended
+from mtad.limits.window import SendWindow
 from mtad.queue.model import QueueFull, RedisUnavailable
 from mtad.store.db import Database
 from mtad.store.messages import Scope
-from mtad.store.servers import Server, ServerMode
-from mtad.submission.answers import HoldReason, Permit, Queued, Refusal, Refused, Submitter
+from mtad.store.servers import SendLimitAction, Server, ServerMode
+from mtad.submission.answers import (
+    HoldReason,
+    Permit,
+    Queued,
+    Refusal,
+    Refused,
+    Submitter,
+    hold_details,
+)
 from mtad.submission.credentials import Credentials
 from mtad.submission.sending_domains import SendingDomainCheck, SendingDomains, server_allows_sender
 
@@ -36,7 +52,8 @@ class SubmissionPolicy:
     gives one backed by ``mtad.store.domains.find_sending_domain``); ``sender_allowed(server)`` whether
     Sender may stand in for From (by default the server's ``allow_sender``). Credentials, servers, the
     SMTP-IP list and domain answers are cached for ``cache_seconds``; every lookup is bounded by
-    ``timeout`` on ``clock``.
+    ``timeout`` on ``clock``. ``send_window`` counts servers' send limits (None: limits are not applied,
+    for tools that queue on an operator's behalf).
     """
 
     log = Logger()
@@ -51,9 +68,12 @@ class SubmissionPolicy:
         cache_seconds: float = 60.0,
         timeout: float = 30.0,
         sender_allowed: Callable[[Server], bool] = server_allows_sender,
+        send_window: SendWindow | None = None,
     ) -> None:
         self.clock = clock
         self.acceptor = acceptor
+        self.send_window = send_window
+        self.timeout = timeout
         self.credentials = Credentials(clock, database, cache_seconds=cache_seconds, timeout=timeout)
         self.sending_domains = SendingDomains(
             clock,
@@ -152,23 +172,39 @@ class SubmissionPolicy:
         """Queue ``message`` once per recipient of ``rcpt_to`` for the permitted submitter.
 
         `Queued` only once Redis has stored every message (DESIGN invariant 1). A full or unreachable
-        Redis is `Refused` (nothing was queued: try again later); any other error is raised.
+        Redis is `Refused` (nothing was queued: try again later), as is a message over a send limit that
+        refuses; any other error is raised.
         """
+        server = permit.submitter.server
+        hold = permit.hold
         try:
+            if hold is None and server.send_limit is not None and self.send_window is not None:
+                d = self.send_window.reserve(server, len(rcpt_to), self.clock.seconds())
+                reservation = await d.addTimeout(self.timeout, self.clock)
+                if not reservation.fits:
+                    if server.send_limit_action is SendLimitAction.REFUSE:
+                        return Refused(
+                            Refusal.SEND_LIMIT_EXCEEDED,
+                            f"{reservation.volume} of {server.send_limit} sent in the window",
+                        )
+                    hold = HoldReason.SEND_LIMIT
             accepted = await self.acceptor.accept(
-                permit.submitter.server,
+                server,
                 Scope.OUTGOING.value,
                 mail_from,
                 rcpt_to,
                 message,
-                hold_reason=permit.hold.value if permit.hold is not None else None,
+                hold_reason=hold_details(hold, server) if hold is not None else None,
+                limit_hold=hold is HoldReason.SEND_LIMIT,
                 tag=tag,
                 received_with_ssl=received_with_ssl,
             )
+        except DeferredTimeoutError:
+            return Refused(Refusal.QUEUE_UNAVAILABLE, f"Redis did not answer within {self.timeout} s")
         except ServerSuspended:
             return Refused(Refusal.SERVER_SUSPENDED)
         except QueueFull as e:
             return Refused(Refusal.QUEUE_FULL, str(e))
         except RedisUnavailable as e:
             return Refused(Refusal.QUEUE_UNAVAILABLE, str(e))
-        return Queued(messages=tuple(accepted), hold=permit.hold)
+        return Queued(messages=tuple(accepted), hold=hold)

@@ -96,6 +96,42 @@ class CLITests(SynchronousTestCase):
         _, err = self.mtad("set-server", "acme/none", "--allow-sender", status=1)
         self.assertIn("no server 'acme/none'", err)
 
+    def test_send_limit_and_suspension(self) -> None:
+        """set-server sets a send limit (its window and action), removes it, suspends and unsuspends;
+        list-servers shows each; bad values exit 2 (argparse) or 1 naming the problem."""
+        self.mtad("initialize")
+        self.mtad("make-organization", "Acme")
+        self.mtad("make-server", "acme", "Main")
+
+        def row() -> str:
+            out, _ = self.mtad("list-servers")
+            header, line = out.splitlines()
+            self.assertIn("SEND LIMIT", header)
+            return line
+
+        self.assertIn(" - ", row())
+        out, _ = self.mtad("set-server", "acme/main", "--send-limit", "500")
+        self.assertIn("send limit 500 messages per 3600 s; messages over it are held", out)
+        out, _ = self.mtad(
+            "set-server", "acme/main", "--send-limit-period", "600", "--send-limit-action", "refuse"
+        )
+        self.assertIn("send limit 500 messages per 600 s; messages over it are refused (451 4.7.1)", out)
+        self.assertIn("500/600s refuse", row())
+        out, _ = self.mtad("set-server", "acme/main", "--send-limit", "none")
+        self.assertIn("no send limit", out)
+        self.assertIn(" - ", row())
+        _, err = self.mtad("set-server", "acme/main", "--send-limit-period", "30", status=1)
+        self.assertIn("at least 60 seconds", err)
+        self.mtad("set-server", "acme/main", "--send-limit", "-3", status=2)
+        out, _ = self.mtad("set-server", "acme/main", "--suspend", "abuse report 123")
+        self.assertIn("suspended", out)
+        self.assertIn("yes: abuse report 123", row())
+        out, _ = self.mtad("set-server", "acme/main", "--unsuspend")
+        self.assertIn("no longer suspended", out)
+        self.assertNotIn("yes:", row())
+        _, err = self.mtad("set-server", "acme/main", "--suspend", "x", "--unsuspend", status=1)
+        self.assertIn("not both", err)
+
     def test_duplicate_and_unknown_are_errors(self) -> None:
         """Duplicate organizations and unknown organizations exit 1 with a one-line message naming them."""
         self.mtad("initialize")
