@@ -48,6 +48,8 @@ from mtad.events.consumer import StreamConsumer
 from mtad.events.recorder import GROUP as RECORDER_GROUP
 from mtad.events.recorder import Recorder
 from mtad.events.trim import StreamTrim
+from mtad.limits.protection import GROUP as PROTECTION_GROUP
+from mtad.limits.protection import ProtectionSettings, RateProtection
 from mtad.limits.release import SendLimitRelease
 from mtad.limits.window import SendWindow
 from mtad.mail.dkim import DKIMKey
@@ -92,6 +94,17 @@ from mtad.webhooks.trigger import WebhookTrigger
 #: Every consumer group of the event stream: created at start by every process, so that the stream is
 #: never trimmed past a group before it exists.
 CONSUMER_GROUPS = (RECORDER_GROUP, WEBHOOKS_GROUP, SUPPRESSION_GROUP)
+
+
+def _protection_settings(config: Config) -> ProtectionSettings:
+    limits = config.limits
+    return ProtectionSettings(
+        bounce_rate=limits.bounce_rate_threshold,
+        complaint_rate=limits.complaint_rate_threshold,
+        window=round(limits.rate_window_hours * 3600),
+        min_sent=limits.rate_min_sent,
+    )
+
 
 T = TypeVar("T")
 
@@ -202,7 +215,8 @@ class MtadService(Service):
         self.database = await self._open_database()
 
         events = config.events
-        for group in CONSUMER_GROUPS:
+        groups = self._consumer_groups(config)
+        for group in groups:
             # Every group exists before anything is trimmed, whatever this process runs.
             await self._stream(group).ensure_group()
         recorder = StreamConsumer(
@@ -215,8 +229,18 @@ class MtadService(Service):
         self._on_stop("recorder", recorder.stopService)
         self._start_webhooks(self.redis, self.database)
         self._start_feedback(self.redis, self.queue, self.database)
+        protection = _protection_settings(config)
+        if protection.enabled:
+            rates = StreamConsumer(
+                self._stream(PROTECTION_GROUP),
+                RateProtection(self.redis, self.queue.keys, self.database, self._reactor, protection),
+                self._reactor,
+                idle_delay=events.poll_interval,
+            )
+            rates.startService()
+            self._on_stop("rate protection", rates.stopService)
         self.stream = StreamMaintenance(self.redis)
-        trim = StreamTrim(self._reactor, self.stream, CONSUMER_GROUPS, interval=events.trim_interval)
+        trim = StreamTrim(self._reactor, self.stream, groups, interval=events.trim_interval)
         trim.startService()
         self._on_stop("event stream trim", trim.stopService)
         retention = config.retention
@@ -394,6 +418,14 @@ class MtadService(Service):
     def _in_thread(self, fn: Callable[[], T]) -> Deferred[T]:
         """Runs ``fn`` in the reactor's threadpool (CPU work that would stall the reactor: signing)."""
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn)
+
+    def _consumer_groups(self, config: Config) -> tuple[str, ...]:
+        """The groups this installation consumes: created at start and trimmed behind. The protection
+        group only when a rate threshold is set (a group nobody reads would hold the stream forever),
+        so every process sharing the stream needs the same ``[limits]`` thresholds."""
+        if _protection_settings(config).enabled:
+            return (*CONSUMER_GROUPS, PROTECTION_GROUP)
+        return CONSUMER_GROUPS
 
     def _stream(self, group: str) -> EventStream:
         """This process's consumer in ``group``."""

@@ -306,6 +306,15 @@ class LimitsConfig:
     #: Seconds between two ``SendLimitApproaching`` (or two ``SendLimitExceeded``) events of one server
     #: (Postal: an hour).
     notice_interval: int = attrs.field(default=3600, metadata=_check(_positive))
+    #: Suspend a server automatically when the bounces that came back reach this percentage of the
+    #: messages it sent in the last ``rate_window_hours``. 0: off.
+    bounce_rate_threshold: float = attrs.field(default=0.0, metadata=_check(_not_negative))
+    #: The same for spam complaints (ARF feedback reports). 0: off.
+    complaint_rate_threshold: float = attrs.field(default=0.0, metadata=_check(_not_negative))
+    #: The window of both rates, in hours.
+    rate_window_hours: float = attrs.field(default=24.0, metadata=_check(_positive))
+    #: Messages a server must have sent in the window before its rates count.
+    rate_min_sent: int = attrs.field(default=100, metadata=_check(_positive))
 
 
 @attrs.frozen

@@ -32,6 +32,9 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 ``<p>limit_held:{<s>}``        ZSET id → time held: messages of server ``<s>`` held by its send limit,
                                released oldest first as the window has room (`SEND_RELEASE`)
 ``<p>limit_held_servers``      SET of the servers with messages in ``limit_held``
+``<p>rates:{<s>}:<kind>``      hash bucket number → server ``<s>``'s messages sent, bounced or complained
+                               about (``<kind>``) in a rolling window, for automatic suspension
+                               (`RATE_COUNT`, `mtad.limits.protection`)
 ``<p>softfail:{<s>:<addr>}``   SET of the stream ids of a recipient's soft failures since its last
                                success (server id ``<s>``), with a TTL; the suppression trigger
                                counts them
@@ -158,6 +161,10 @@ class QueueKeys:
     def limit_held(self, server_id: int) -> str:
         """The messages of a server held by its send limit (the ``HOLD`` script adds them)."""
         return f"{self.prefix}limit_held:{{{server_id}}}"
+
+    def rates(self, server_id: int, kind: str) -> str:
+        """A server's rolling count of ``kind`` ("sent", "bounced", "complained") messages."""
+        return f"{self.prefix}rates:{{{server_id}}}:{kind}"
 
     @property
     def limit_held_servers(self) -> str:
@@ -884,5 +891,23 @@ end
 local left = redis.call('ZCARD', IDX)
 if left == 0 then redis.call('SREM', SERVERS, ARGV[6]) end
 return {released, left}
+""",
+)
+
+# KEYS: any number of rolling windows (`QueueKeys.rates`)
+# ARGV: now, period, bucket, then one count per key to add
+# Adds each count to its window at ``now`` and returns each window's volume after it.
+RATE_COUNT = Script.of(
+    "rate_count",
+    _WINDOW
+    + r"""
+local now, period, bucket = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local volumes = {}
+for i, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[3 + i])
+  if n > 0 then window_add(key, now, period, bucket, n) end
+  volumes[i] = window_volume(key, now, period, bucket)
+end
+return volumes
 """,
 )
