@@ -568,7 +568,9 @@ class LegacyAPI:
             message = compose(draft, message_id=message_id, timestamp=now, received=received)
         recipients = [m.address for m in (*given.to, *given.cc, *given.bcc)]
         mail_from = "" if given.bounce else given.from_.address
-        messages, _ = await self._accept(permit, mail_from, recipients, message, tag=given.tag)
+        messages, _ = await self._accept(
+            permit, mail_from, recipients, message, tag=given.tag, bounce=given.bounce
+        )
         return {"message_id": message_id, "messages": messages}
 
     async def send_raw(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
@@ -583,7 +585,9 @@ class LegacyAPI:
             return {"message_id": None, "messages": {}}
         mail_from = "" if given.bounce else given.mail_from
         # The Message-ID as queued: the message's own, or the one accepting added (`complete_submission`).
-        messages, message_id = await self._accept(permit, mail_from, recipients, given.data, tag=None)
+        messages, message_id = await self._accept(
+            permit, mail_from, recipients, given.data, tag=None, bounce=given.bounce
+        )
         return {"message_id": message_id, "messages": messages}
 
     def _check_size(self, size: int) -> None:
@@ -594,15 +598,23 @@ class LegacyAPI:
             )
 
     async def _accept(
-        self, permit: Permit, mail_from: str, recipients: list[str], message: bytes, *, tag: str | None
+        self,
+        permit: Permit,
+        mail_from: str,
+        recipients: list[str],
+        message: bytes,
+        *,
+        tag: str | None,
+        bounce: bool,
     ) -> tuple[dict[str, dict[str, Any]], str | None]:
         """Queue ``message`` once per distinct recipient (one Redis call); Postal's ``messages`` map and
-        the Message-ID the messages were queued with."""
+        the Message-ID the messages were queued with. ``bounce``: the caller says it is a bounce, which
+        is recorded (Postal's ``bounce`` column) as well as sent from ``<>``."""
         self._check_size(len(message))
         unique = list(dict.fromkeys(recipients))
         # As Postal records every message sent through its API: received_with_ssl.
         queued = await self.submission.submit(
-            permit, mail_from, unique, message, tag=tag, received_with_ssl=True
+            permit, mail_from, unique, message, tag=tag, received_with_ssl=True, bounce=bounce
         )
         if isinstance(queued, Refused):
             if queued.detail:

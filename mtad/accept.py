@@ -200,6 +200,7 @@ class Acceptor:
         limit_hold: bool = False,
         tag: str | None = None,
         received_with_ssl: bool = False,
+        bounce: bool = False,
     ) -> list[AcceptedMessage]:
         """Queue ``message`` once for each of ``rcpt_to``; the messages are durable when this returns.
 
@@ -246,6 +247,7 @@ class Acceptor:
             "message_id": headers.message_id,
             "tag": tag or None,
             "received_with_ssl": received_with_ssl,
+            "bounce": bounce,
         }
         new = [
             NewMessage(

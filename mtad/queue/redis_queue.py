@@ -172,6 +172,7 @@ class RedisQueue:
                 message_id=m.event.get("message_id"),
                 tag=m.event.get("tag"),
                 received_with_ssl=bool(m.event.get("received_with_ssl", False)),
+                bounce=bool(m.event.get("bounce", False)),
             )
             tail = queued_tail(event)
             fields: dict[str, str] = {

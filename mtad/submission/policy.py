@@ -168,6 +168,7 @@ class SubmissionPolicy:
         *,
         tag: str | None = None,
         received_with_ssl: bool,
+        bounce: bool = False,
     ) -> Queued | Refused:
         """Queue ``message`` once per recipient of ``rcpt_to`` for the permitted submitter.
 
@@ -198,6 +199,7 @@ class SubmissionPolicy:
                 limit_hold=hold is HoldReason.SEND_LIMIT,
                 tag=tag,
                 received_with_ssl=received_with_ssl,
+                bounce=bounce,
             )
         except DeferredTimeoutError:
             return Refused(Refusal.QUEUE_UNAVAILABLE, f"Redis did not answer within {self.timeout} s")

@@ -23,6 +23,8 @@ from zope.interface import implementer
 from admin_api.legacy_api import SEND_ERRORS, ruby_base64
 from mtad.accept import AcceptedMessage, Acceptor
 from mtad.caching import SharedLookups
+from mtad.events.schema import MessageQueued, decode_entry
+from mtad.queue.events import parse_entry
 from mtad.queue.redis_queue import RedisQueue
 from mtad.store import credentials as cs
 from mtad.store import servers as ss
@@ -833,10 +835,18 @@ class SendMessageTests(LegacyAPITestCase):
             self.assertEqual(fields["hold_reason"], HoldReason.CREDENTIAL.value)
 
     async def test_bounce_uses_null_reverse_path(self) -> None:
-        """``bounce: true`` queues the message with the null reverse-path ``<>`` (RFC 5321 §4.5.5)."""
+        """``bounce: true`` queues the message with the null reverse-path ``<>`` (RFC 5321 §4.5.5), and
+        its ``message.queued`` event says it is a bounce, for Postal's ``bounce`` column."""
         envelope = await self.call(SEND, send_params(bounce=True, cc=None, bcc=None))
         (entry,) = envelope["data"]["messages"].values()
         self.assertEqual((await self.queue.message_fields(entry["id"]))["mail_from"], "")
+        await self.call(SEND, send_params(cc=None, bcc=None))
+        raw = await self.redis.execute("XRANGE", self.keys.events, "-", "+")
+        queued = [decode_entry(e).event for e in (parse_entry(r) for r in raw) if e is not None]
+        self.assertEqual(
+            [(q.id, q.bounce) for q in queued if isinstance(q, MessageQueued)],
+            [(entry["id"], True), (entry["id"] + 1, False)],
+        )
 
     async def test_tag_defaults_to_header(self) -> None:
         """Without ``tag``, the X-Postal-Tag custom field gives the tag, as in Postal."""
