@@ -43,6 +43,7 @@ from mtad.bounces.processor import BounceProcessor
 from mtad.bounces.return_path import ReturnPath, verp_secret
 from mtad.config import Config
 from mtad.domains.dns_check import DomainDNSChecker
+from mtad.domains.dns_notice import DNSErrorNotice
 from mtad.events.archive import ArchiveCatchUp
 from mtad.events.consumer import StreamConsumer
 from mtad.events.recorder import GROUP as RECORDER_GROUP
@@ -64,7 +65,7 @@ from mtad.outbound.signing import MessageSigner, SignElsewhere
 from mtad.outbound.signing_pool import SigningPool
 from mtad.queue.client import RedisClient
 from mtad.queue.embedded import EmbeddedRedis
-from mtad.queue.events import EventStream, StreamMaintenance
+from mtad.queue.events import EventStream, StreamAppender, StreamMaintenance
 from mtad.queue.limits import AuthFailureCounter, ConnectionLimiter
 from mtad.queue.redis_queue import RedisQueue
 from mtad.smtp.client import ClientTimeouts
@@ -270,6 +271,9 @@ class MtadService(Service):
                 self._reactor,
                 config.domains,
                 poll_interval=config.domains.check_poll_interval,
+                on_dns_error=DNSErrorNotice(
+                    self.database, StreamAppender(self.redis, self.queue.keys), self._reactor
+                ),
             )
             checker.startService()
             self._on_stop("domain DNS checks", checker.stopService)

@@ -25,8 +25,9 @@ daemon (asynchronous, on the reactor), `BlockingResolver` in the ``mtad`` comman
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -363,7 +364,8 @@ class DomainDNSChecker(Service):
     Every ``poll_interval`` seconds it takes the domains whose last check is older than the interval
     (never-checked first), so checks spread over time instead of all running at the top of the hour.
     ``on_dns_error`` is called with each domain whose automatic check finds it not ``dns_ok`` (where Postal
-    sends its ``DomainDNSError`` webhook).
+    sends its ``DomainDNSError`` webhook); when it returns a Deferred or coroutine, the check waits for it,
+    so a pass (and `stopService`) ends only once what it does is done.
 
     With several mtad processes on one database, run the checker in one of them: it is harmless but
     wasteful in more.
@@ -381,7 +383,7 @@ class DomainDNSChecker(Service):
         poll_interval: float = 300.0,
         batch_size: int = 100,
         concurrency: int = 10,
-        on_dns_error: Callable[[Domain], object] | None = None,
+        on_dns_error: Callable[[Domain], Awaitable[object] | object] | None = None,
     ) -> None:
         self._db = db
         self._resolver = resolver
@@ -461,5 +463,7 @@ class DomainDNSChecker(Service):
                 return_path=stored.return_path_status,
             )
             if automatic and self._on_dns_error is not None:
-                self._on_dns_error(stored)
+                noticed = self._on_dns_error(stored)
+                if inspect.isawaitable(noticed):
+                    await noticed
         return stored

@@ -35,7 +35,7 @@ from mtad.events.schema import (
 )
 from mtad.limits.window import BUCKETS
 from mtad.queue.client import RedisClient
-from mtad.queue.events import append_event
+from mtad.queue.events import StreamAppender
 from mtad.queue.keys import RATE_COUNT, QueueKeys
 from mtad.store.servers import find_server, suspend_server
 
@@ -96,6 +96,7 @@ class RateProtection:
     ) -> None:
         self._client = client
         self._keys = keys
+        self._events = StreamAppender(client, keys)
         self._database = database
         self._clock = clock
         self.settings = settings
@@ -148,6 +149,6 @@ class RateProtection:
             reason=reason,
             timestamp=now,
         )
-        await append_event(self._client, self._keys, event)
+        await self._events.append(event)
         await self._database.run(suspend_server, server_id, reason, now)
         self.log.warn("server {server} suspended: {reason}", server=server.full_permalink, reason=reason)

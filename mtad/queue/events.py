@@ -53,11 +53,20 @@ def parse_entry(entry: Sequence[Any]) -> Event | None:
     return Event(id=_text(entry[0]), type=_text(values.get("type", b"")), data=data)
 
 
-def append_event(client: RedisClient, keys: QueueKeys, event: AnyEvent) -> Deferred[Any]:
-    """Append one event to the stream: for the events no queue script writes with its own change
-    (a server suspended, a domain's DNS gone wrong); fires with the entry's id."""
-    event_type, data = encode(event)
-    return client.execute("XADD", keys.events, "*", "type", event_type, "data", data)
+class StreamAppender:
+    """Appends events to the stream: for those no queue script writes along with its own change (a
+    domain's DNS gone wrong, a server suspended). One ``XADD`` of the event's one encoding
+    (`mtad.events.schema.encode`); never capped here (the stream is only trimmed behind every group)."""
+
+    def __init__(self, client: RedisClient, keys: QueueKeys | None = None) -> None:
+        self._client = client
+        self._keys = keys if keys is not None else QueueKeys()
+
+    def append(self, event: AnyEvent) -> Deferred[str]:
+        """Fires with the new entry's id."""
+        event_type, data = encode(event)
+        d = self._client.execute("XADD", self._keys.events, "*", "type", event_type, "data", data)
+        return d.addCallback(_text)
 
 
 class EventStream:

@@ -39,7 +39,9 @@ from mtad.store.tables import servers, webhook_events, webhook_requests, webhook
 from mtad.sweeps import PeriodicSweep
 
 #: Every event a webhook can be sent: Postal's (``WebhookEvent::EVENTS`` and the send-limit events its
-#: ``Server`` triggers), then mtad's own.
+#: ``Server`` triggers), then mtad's own. Each may be chosen, the send-limit events too, which Postal's UI
+#: does not offer (so there they reach only all-events webhooks): a webhook that does not choose them does
+#: not get them, so one configured as Postal allows gets exactly Postal's events.
 WEBHOOK_EVENTS: tuple[str, ...] = (
     "MessageSent",
     "MessageDelayed",
@@ -53,6 +55,7 @@ WEBHOOK_EVENTS: tuple[str, ...] = (
     "SendLimitExceeded",
     "MessageSuppressed",
     "SpamComplaint",
+    "ServerSuspended",
 )
 
 #: Postal prunes its webhook request log after 10 days (``PruneWebhookRequestsScheduledTask``).

@@ -154,7 +154,9 @@ class WebhookSettingsTests(WebhookTestCase):
                 self.add(name=bad)
             self.assertEqual(raised.exception.field, "name")
         self.assertEqual(self.add(name="x" * 255).name, "x" * 255)
-        self.assertEqual(len(ws.WEBHOOK_EVENTS), 12)
+        self.assertEqual(
+            len(ws.WEBHOOK_EVENTS), 13
+        )  # Postal's ten, MessageSuppressed, SpamComplaint, ServerSuspended
 
     def test_update(self) -> None:
         """Updating changes only what is given: events to a set or (None) all of them, name, URL, enabled;
