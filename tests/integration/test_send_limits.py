@@ -16,24 +16,40 @@ from twisted.web.http_headers import Headers
 
 from mtad.store.messages import MessageStatus, list_deliveries, list_messages
 from mtad.store.servers import SendLimitAction, set_send_limit
+from mtad.store.webhooks import add_webhook
 from tests.integration.support import Harness, message, until
 from tests.redis_server import real_reactor
 from tests.store.support import SQLITE, fresh_database_url
+from tests.webhooks.support import Receiver
 
 
 class SendLimitTests(unittest.TestCase):
     timeout = 60
 
     async def start(self, limit: int, action: SendLimitAction) -> Harness:
+        reactor = real_reactor()
+        self.receiver = Receiver()
+        port = self.receiver.listen(reactor)
+        self.addCleanup(lambda: ensureDeferred(self.receiver.close(reactor)))
         h = Harness(
-            real_reactor(),
+            reactor,
             fresh_database_url(self, SQLITE),
-            config={"limits": {"release_interval": 0.1}, "events": {"poll_interval": 0.05}},
+            config={
+                "limits": {"release_interval": 0.1},
+                "events": {"poll_interval": 0.05},
+                "webhooks": {"allowed_networks": ["127.0.0.0/8"]},
+            },
         )
         self.addCleanup(lambda: ensureDeferred(h.stop()))
-        h.installation.query(set_send_limit, h.installation.server_id, limit, 3600, action, time.time())
+        server_id = h.installation.server_id
+        h.installation.query(set_send_limit, server_id, limit, 3600, action, time.time())
+        h.installation.query(add_webhook, server_id, "app", f"http://127.0.0.1:{port}/hook", time.time())
         await h.start()
         return h
+
+    def hooks(self, event: str) -> list[dict[str, Any]]:
+        bodies = [json.loads(r.body) for r in self.receiver.received]
+        return [b["payload"] for b in bodies if b["event"] == event]
 
     async def api_send(self, h: Harness, to: str) -> dict[str, Any]:
         body = json.dumps(
@@ -99,6 +115,12 @@ class SendLimitTests(unittest.TestCase):
         (delivery,) = h.installation.query(list_deliveries, message_row.id)
         self.assertEqual(delivery.details, "Message held because send limit (1) has been reached.")
         self.assertEqual(len(h.sink.messages), 1)
+        # The application is told: the limit is reached (once, though two did not fit), and each hold.
+        await until(h.reactor, lambda: len(self.hooks("MessageHeld")) == 2)
+        (exceeded,) = self.hooks("SendLimitExceeded")
+        self.assertEqual((exceeded["volume"], exceeded["limit"]), (1, 1))
+        self.assertEqual(exceeded["server"]["permalink"], "mail")
+        self.assertEqual(exceeded["server"]["organization"], "acme")
 
         h.installation.query(
             set_send_limit, h.installation.server_id, None, None, SendLimitAction.HOLD, time.time()
