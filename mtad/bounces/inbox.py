@@ -15,17 +15,8 @@ event written; and after it, the entry is gone and its events are written exactl
 cannot be read is retried later (`BounceInbox.retry`): due entries are claimed oldest due first, so a
 retried entry goes to the back and never blocks the others.
 
-Keys, under the queue's prefix (``QueueKeys``; the ids share their hash tag with the body key they
-become):
-
-=============================  ==========================================================================
-``<p>bounce:{<id>}``           hash: ``data`` (the DATA octets), ``mail_from``, ``rcpt_to`` (JSON list),
-                               ``received_with_ssl``, ``client_ip``, ``received_at``, ``token``,
-                               ``claims`` (claims not given back as deferred), ``lease_token``,
-                               ``last_error``; renamed to ``<p>body:{<id>}`` when finished
-``<p>bounces:due``             ZSET id → when the entry is next due
-``<p>bounces:leased``          ZSET id → lease deadline
-=============================  ==========================================================================
+Keys and scripts live in `mtad.queue.keys` (``bounce:{<id>}``, ``bounces:due``, ``bounces:leased``;
+the ids share their hash tag with the body key they become), leased like webhook requests.
 """
 
 from __future__ import annotations
@@ -42,112 +33,19 @@ from twisted.logger import Logger
 from mtad.accept import new_token
 from mtad.events.schema import AnyEvent, encode
 from mtad.queue.client import RedisClient
-from mtad.queue.keys import QueueKeys, Script
+from mtad.queue.keys import (
+    BOUNCE_CLAIM,
+    BOUNCE_FINISH,
+    BOUNCE_PUT,
+    BOUNCE_RETRY,
+    QueueKeys,
+    Script,
+)
 from mtad.queue.model import QueueError, QueueFull
 
 #: Entries (due and leased) beyond which `BounceInbox.put` refuses more: a flood of bounces, or a
 #: processor that is not running, must not eat Redis's memory (DESIGN.md invariant 3).
 DEFAULT_MAX_ENTRIES = 100_000
-
-_COMMON = r"""
-local K_NEXT, K_DUE, K_LEASED = KEYS[1], KEYS[2], KEYS[3]
-local K_EVENTS, K_ARCHIVE = KEYS[4], KEYS[5]
-local PREFIX = ARGV[1]
-local function entry_key(id) return PREFIX .. 'bounce:{' .. id .. '}' end
-local function leased_by(ekey, token) return redis.call('HGET', ekey, 'lease_token') == token end
-"""
-
-# ARGV: prefix, now, max_entries (0: no limit), token, data, mail_from, rcpt_to (JSON), ssl (0/1),
-# client_ip. Answers the new entry's id, or -1 when the inbox is full.
-PUT = Script.of(
-    "bounce_put",
-    _COMMON
-    + r"""
-local now, max = ARGV[2], tonumber(ARGV[3])
-if max > 0 and redis.call('ZCARD', K_DUE) + redis.call('ZCARD', K_LEASED) >= max then return -1 end
-local id = string.format('%d', redis.call('INCR', K_NEXT))
-redis.call('HSET', entry_key(id), 'token', ARGV[4], 'data', ARGV[5], 'mail_from', ARGV[6],
-           'rcpt_to', ARGV[7], 'received_with_ssl', ARGV[8], 'client_ip', ARGV[9], 'received_at', now,
-           'claims', 0)
-redis.call('ZADD', K_DUE, now, id)
-return tonumber(id)
-""",
-)
-
-# ARGV: prefix, now, limit, lease deadline, lease token base. Leases whose deadline passed are due again
-# first (their holder died or hung); then up to ``limit`` due entries, oldest due first, are leased.
-# Answers {id, HGETALL} pairs.
-CLAIM = Script.of(
-    "bounce_claim",
-    _COMMON
-    + r"""
-local now, limit, deadline, base = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 1000)) do
-  redis.call('ZREM', K_LEASED, id)
-  if redis.call('EXISTS', entry_key(id)) == 1 then
-    redis.call('HDEL', entry_key(id), 'lease_token')
-    redis.call('ZADD', K_DUE, now, id)
-  end
-end
-local claimed = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DUE, '-inf', now, 'LIMIT', 0, limit)) do
-  local ekey = entry_key(id)
-  redis.call('ZREM', K_DUE, id)
-  if redis.call('EXISTS', ekey) == 1 then
-    redis.call('HINCRBY', ekey, 'claims', 1)
-    redis.call('HSET', ekey, 'lease_token', base .. ':' .. id)
-    redis.call('ZADD', K_LEASED, deadline, id)
-    claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = redis.call('HGETALL', ekey)
-  end
-end
-return claimed
-""",
-)
-
-# ARGV: prefix, id, lease token, now, server_id, then event type and data pairs. Appends the events and
-# makes the entry the stored body ``body:{<id>}`` of the message recorded for it (no queued message
-# points at it: refs 0; pinned for the archive, so the recorder stores it and then deletes it), in one
-# step. Answers 0 (and changes nothing) when the lease is no longer this one.
-FINISH = Script.of(
-    "bounce_finish",
-    _COMMON
-    + r"""
-local id, token, now = ARGV[2], ARGV[3], ARGV[4]
-local ekey = entry_key(id)
-if not leased_by(ekey, token) then return 0 end
-redis.call('ZREM', K_LEASED, id)
-redis.call('ZREM', K_DUE, id)
-redis.call('HDEL', ekey, 'token', 'mail_from', 'rcpt_to', 'received_with_ssl', 'client_ip',
-           'received_at', 'claims', 'lease_token', 'last_error')
-local bkey = PREFIX .. 'body:{' .. id .. '}'
-redis.call('RENAME', ekey, bkey)
-redis.call('HSET', bkey, 'refs', 0, 'archive', '1', 'server_id', ARGV[5])
-redis.call('ZADD', K_ARCHIVE, now, id)
-for i = 6, #ARGV - 1, 2 do
-  redis.call('XADD', K_EVENTS, '*', 'type', ARGV[i], 'data', ARGV[i + 1])
-end
-return 1
-""",
-)
-
-# ARGV: prefix, id, lease token, due_at, counted (1: the claim counts as a failed try; 0: it does not,
-# the entry only waits), error. Answers 0 when the lease is no longer this one.
-RETRY = Script.of(
-    "bounce_retry",
-    _COMMON
-    + r"""
-local id, token = ARGV[2], ARGV[3]
-local ekey = entry_key(id)
-if not leased_by(ekey, token) then return 0 end
-redis.call('ZREM', K_LEASED, id)
-redis.call('HDEL', ekey, 'lease_token')
-if ARGV[5] == '0' then redis.call('HINCRBY', ekey, 'claims', -1) end
-redis.call('HSET', ekey, 'last_error', ARGV[6])
-redis.call('ZADD', K_DUE, ARGV[4], id)
-return 1
-""",
-)
 
 
 class InboxFull(QueueFull):
@@ -229,19 +127,11 @@ class BounceInbox:
         self.max_entries = max_entries
 
     def entry_key(self, entry_id: int) -> str:
-        return f"{self.keys.prefix}bounce:{{{entry_id}}}"
-
-    @property
-    def due_key(self) -> str:
-        return f"{self.keys.prefix}bounces:due"
-
-    @property
-    def leased_key(self) -> str:
-        return f"{self.keys.prefix}bounces:leased"
+        return self.keys.bounce(entry_id)
 
     def _keys(self) -> list[str]:
         k = self.keys
-        return [k.next_id, self.due_key, self.leased_key, k.events, k.archive_pending]
+        return [k.next_id, k.bounces_due, k.bounces_leased, k.events, k.archive_pending]
 
     async def _run(self, script: Script, args: list[str | bytes | int | float]) -> Any:
         return await self._client.run_script(script, self._keys(), [self.keys.prefix, *args])
@@ -278,7 +168,7 @@ class BounceInbox:
         if not rcpt_to:
             raise ValueError("a message at the return path has at least one recipient")
         reply = await self._run(
-            PUT,
+            BOUNCE_PUT,
             [
                 _number(self._clock.seconds()),
                 self.max_entries,
@@ -304,7 +194,7 @@ class BounceInbox:
     async def claim(self, now: float, limit: int, lease_seconds: float) -> list[InboxEntry]:
         """Lease up to ``limit`` due entries until ``now + lease_seconds``, oldest due first."""
         base = secrets.token_hex(8)
-        reply = await self._run(CLAIM, [_number(now), limit, _number(now + lease_seconds), base])
+        reply = await self._run(BOUNCE_CLAIM, [_number(now), limit, _number(now + lease_seconds), base])
         try:
             return [_entry(reply[i], reply[i + 1]) for i in range(0, len(reply) - 1, 2)]
         except (TypeError, ValueError, IndexError) as e:
@@ -316,7 +206,7 @@ class BounceInbox:
         args: list[str | bytes | int | float] = [entry.id, entry.lease_token, _number(now), server_id]
         for event in events:
             args += encode(event)
-        return bool(await self._run(FINISH, args))
+        return bool(await self._run(BOUNCE_FINISH, args))
 
     async def retry(self, entry: InboxEntry, due_at: float, error: str, *, counted: bool = True) -> bool:
         """Give the entry back, due again at ``due_at``; ``counted`` False when this claim was not a failed
@@ -328,10 +218,10 @@ class BounceInbox:
             "1" if counted else "0",
             error[:1000],
         ]
-        return bool(await self._run(RETRY, args))
+        return bool(await self._run(BOUNCE_RETRY, args))
 
     async def pending(self) -> int:
         """Entries not yet processed (due and leased), for ``/status``."""
-        due = await self._client.execute("ZCARD", self.due_key)
-        leased = await self._client.execute("ZCARD", self.leased_key)
+        due = await self._client.execute("ZCARD", self.keys.bounces_due)
+        leased = await self._client.execute("ZCARD", self.keys.bounces_leased)
         return int(due) + int(leased)

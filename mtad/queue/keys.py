@@ -24,6 +24,12 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
                                twice does not queue it again)
 ``<p>webhooks:due``            ZSET uuid → next attempt time
 ``<p>webhooks:leased``         ZSET uuid → lease deadline (a dispatcher is POSTing it)
+``<p>bounce:{<id>}``           hash: one message received at the return path, waiting to be read
+                               (``data``, ``mail_from``, ``rcpt_to`` JSON, ``received_with_ssl``,
+                               ``client_ip``, ``received_at``, ``token``, ``claims``, ``lease_token``,
+                               ``last_error``); renamed to ``<p>body:{<id>}`` when read (`BOUNCE_FINISH`)
+``<p>bounces:due``             ZSET id → when the entry is next due
+``<p>bounces:leased``          ZSET id → lease deadline (a bounce processor is reading it)
 ``<p>limit:<key>``             ZSET slot id → slot expiry (connection-slot limiter)
 ``<p>send_window:{<s>}``       hash bucket number → messages of server ``<s>`` counted against its send
                                limit in that bucket (a rolling window of 60 buckets, `SEND_RESERVE`)
@@ -143,6 +149,18 @@ class QueueKeys:
 
     def webhook(self, uuid: str) -> str:
         return f"{self.prefix}webhook:{{{uuid}}}"
+
+    def bounce(self, entry_id: int) -> str:
+        """A message received at the return path, until it is read (`mtad.bounces.inbox`)."""
+        return f"{self.prefix}bounce:{{{entry_id}}}"
+
+    @property
+    def bounces_due(self) -> str:
+        return f"{self.prefix}bounces:due"
+
+    @property
+    def bounces_leased(self) -> str:
+        return f"{self.prefix}bounces:leased"
 
     def limit(self, key: str) -> str:
         return f"{self.prefix}limit:{key}"
@@ -705,15 +723,53 @@ return redis.call('XTRIM', KEYS[1], 'MINID', bound)
 )
 
 
-_WEBHOOKS = r"""
+# -- leased queues: webhook requests and the bounce inbox ----------------------------------------------
+# Each item is a hash; one ZSET scores the ids of the due items by when they are due, another the leased
+# ones by their lease deadline, and the holder's token is the hash's ``lease_token``. Claiming first puts
+# every item whose lease passed back to due (its holder died or hung), then leases the oldest due ones;
+# a holder finishes or gives back an item only while its token is the item's. (Queued messages lease the
+# same way with more to it, a state and the previous due time: `CLAIM`.)
+_LEASES = r"""
+local function leased_by(key, token) return redis.call('HGET', key, 'lease_token') == token end
+local function expire_leases(due, leased, key_of, now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, 1000)) do
+    redis.call('ZREM', leased, id)
+    local key = key_of(id)
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HDEL', key, 'lease_token')
+      redis.call('ZADD', due, now, id)
+    end
+  end
+end
+local function lease_due(due, leased, key_of, now, limit, deadline, base)
+  local ids = {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)) do
+    local key = key_of(id)
+    redis.call('ZREM', due, id)
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HSET', key, 'lease_token', base .. ':' .. id)
+      redis.call('ZADD', leased, deadline, id)
+      ids[#ids + 1] = id
+    end
+  end
+  return ids
+end
+local function give_back(due, leased, key, id, due_at)
+  redis.call('ZREM', leased, id)
+  redis.call('HDEL', key, 'lease_token')
+  redis.call('ZADD', due, due_at, id)
+end
+"""
+
+_WEBHOOKS = (
+    _LEASES
+    + r"""
 local K_DUE, K_LEASED = KEYS[1], KEYS[2]
 local PREFIX = ARGV[1]
 local function request_key(uuid) return PREFIX .. 'webhook:{' .. uuid .. '}' end
 local function done_key(uuid) return PREFIX .. 'webhook_done:{' .. uuid .. '}' end
-local function leased_by(rkey, token)
-  return redis.call('HGET', rkey, 'lease_token') == token
-end
 """
+)
 
 # KEYS: webhooks due, webhooks leased. ARGV: prefix, now, count, then per request: uuid, nfields, fields...
 # Queues each request unless it is queued already or was finished lately (an event handled twice).
@@ -750,19 +806,10 @@ WEBHOOKS_CLAIM = Script.of(
     _WEBHOOKS
     + r"""
 local now, limit, deadline, base = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 1000)) do
-  redis.call('ZREM', K_LEASED, uuid)
-  if redis.call('EXISTS', request_key(uuid)) == 1 then redis.call('ZADD', K_DUE, now, uuid) end
-end
+expire_leases(K_DUE, K_LEASED, request_key, now)
 local claimed = {}
-for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', K_DUE, '-inf', now, 'LIMIT', 0, limit)) do
-  local rkey = request_key(uuid)
-  redis.call('ZREM', K_DUE, uuid)
-  if redis.call('EXISTS', rkey) == 1 then
-    redis.call('HSET', rkey, 'lease_token', base .. ':' .. uuid)
-    redis.call('ZADD', K_LEASED, deadline, uuid)
-    claimed[#claimed + 1] = redis.call('HGETALL', rkey)
-  end
+for _, uuid in ipairs(lease_due(K_DUE, K_LEASED, request_key, now, limit, deadline, base)) do
+  claimed[#claimed + 1] = redis.call('HGETALL', request_key(uuid))
 end
 return claimed
 """,
@@ -792,10 +839,8 @@ WEBHOOK_RETRY = Script.of(
 local uuid, token = ARGV[2], ARGV[3]
 local rkey = request_key(uuid)
 if not leased_by(rkey, token) then return 0 end
-redis.call('HDEL', rkey, 'lease_token')
 redis.call('HSET', rkey, 'attempts', ARGV[5])
-redis.call('ZREM', K_LEASED, uuid)
-redis.call('ZADD', K_DUE, ARGV[4], uuid)
+give_back(K_DUE, K_LEASED, rkey, uuid, ARGV[4])
 return 1
 """,
 )
@@ -909,5 +954,97 @@ for i, key in ipairs(KEYS) do
   volumes[i] = window_volume(key, now, period, bucket)
 end
 return volumes
+""",
+)
+
+
+# -- the bounce inbox (`mtad.bounces.inbox`) -----------------------------------------------------------
+# KEYS: next_id, bounces due, bounces leased, events, archive_pending (`BounceInbox`).
+
+_BOUNCES = (
+    _LEASES
+    + r"""
+local K_NEXT, K_DUE, K_LEASED = KEYS[1], KEYS[2], KEYS[3]
+local K_EVENTS, K_ARCHIVE = KEYS[4], KEYS[5]
+local PREFIX = ARGV[1]
+local function entry_key(id) return PREFIX .. 'bounce:{' .. id .. '}' end
+"""
+)
+
+# ARGV: prefix, now, max_entries (0: no limit), token, data, mail_from, rcpt_to (JSON), ssl (0/1),
+# client_ip. Answers the new entry's id (from the message id counter), or -1 when the inbox is full.
+BOUNCE_PUT = Script.of(
+    "bounce_put",
+    _BOUNCES
+    + r"""
+local now, max = ARGV[2], tonumber(ARGV[3])
+if max > 0 and redis.call('ZCARD', K_DUE) + redis.call('ZCARD', K_LEASED) >= max then return -1 end
+local id = string.format('%d', redis.call('INCR', K_NEXT))
+redis.call('HSET', entry_key(id), 'token', ARGV[4], 'data', ARGV[5], 'mail_from', ARGV[6],
+           'rcpt_to', ARGV[7], 'received_with_ssl', ARGV[8], 'client_ip', ARGV[9], 'received_at', now,
+           'claims', 0)
+redis.call('ZADD', K_DUE, now, id)
+return tonumber(id)
+""",
+)
+
+# ARGV: prefix, now, limit, lease deadline, lease token base. Leases up to ``limit`` due entries (after
+# expired leases are due again), counting the claim. Answers {id, HGETALL} pairs.
+BOUNCE_CLAIM = Script.of(
+    "bounce_claim",
+    _BOUNCES
+    + r"""
+local now, limit, deadline, base = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+expire_leases(K_DUE, K_LEASED, entry_key, now)
+local claimed = {}
+for _, id in ipairs(lease_due(K_DUE, K_LEASED, entry_key, now, limit, deadline, base)) do
+  local ekey = entry_key(id)
+  redis.call('HINCRBY', ekey, 'claims', 1)
+  claimed[#claimed + 1] = id
+  claimed[#claimed + 1] = redis.call('HGETALL', ekey)
+end
+return claimed
+""",
+)
+
+# ARGV: prefix, id, lease token, now, server_id, then event type and data pairs. Appends the events and
+# makes the entry the stored body ``body:{<id>}`` of the message recorded for it (no queued message
+# points at it: refs 0; pinned for the archive, so the recorder stores it and then deletes it), in one
+# step. Answers 0 (and changes nothing) when the lease is no longer this one.
+BOUNCE_FINISH = Script.of(
+    "bounce_finish",
+    _BOUNCES
+    + r"""
+local id, token, now = ARGV[2], ARGV[3], ARGV[4]
+local ekey = entry_key(id)
+if not leased_by(ekey, token) then return 0 end
+redis.call('ZREM', K_LEASED, id)
+redis.call('ZREM', K_DUE, id)
+redis.call('HDEL', ekey, 'token', 'mail_from', 'rcpt_to', 'received_with_ssl', 'client_ip',
+           'received_at', 'claims', 'lease_token', 'last_error')
+local bkey = PREFIX .. 'body:{' .. id .. '}'
+redis.call('RENAME', ekey, bkey)
+redis.call('HSET', bkey, 'refs', 0, 'archive', '1', 'server_id', ARGV[5])
+redis.call('ZADD', K_ARCHIVE, now, id)
+for i = 6, #ARGV - 1, 2 do
+  redis.call('XADD', K_EVENTS, '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+return 1
+""",
+)
+
+# ARGV: prefix, id, lease token, due_at, counted (1: the claim counts as a failed try; 0: it does not,
+# the entry only waits), error. Answers 0 when the lease is no longer this one.
+BOUNCE_RETRY = Script.of(
+    "bounce_retry",
+    _BOUNCES
+    + r"""
+local id, token = ARGV[2], ARGV[3]
+local ekey = entry_key(id)
+if not leased_by(ekey, token) then return 0 end
+if ARGV[5] == '0' then redis.call('HINCRBY', ekey, 'claims', -1) end
+redis.call('HSET', ekey, 'last_error', ARGV[6])
+give_back(K_DUE, K_LEASED, ekey, id, ARGV[4])
+return 1
 """,
 )

@@ -658,7 +658,7 @@ class StopTests(BounceTestCase):
         processor._in_thread = gated
         processor.startService()
         for _ in range(200):
-            if await self.redis.execute("ZCARD", self.inbox.leased_key) == 2:
+            if await self.redis.execute("ZCARD", self.keys.bounces_leased) == 2:
                 break
             await _pause()
         stopped = processor.stopService()
@@ -666,7 +666,7 @@ class StopTests(BounceTestCase):
         await stopped
         self.assertEqual(processor.processed, 1)
         self.assertEqual(await self.redis.execute("EXISTS", self.inbox.entry_key(first)), 0)
-        self.assertEqual(await self.redis.execute("ZCARD", self.inbox.leased_key), 0)
+        self.assertEqual(await self.redis.execute("ZCARD", self.keys.bounces_leased), 0)
         self.assertEqual(await self.redis.execute("HGET", self.inbox.entry_key(second), "claims"), b"0")
         self.assertEqual(await self.inbox.pending(), 1)
 
