@@ -150,34 +150,14 @@ BOUNCE_CATEGORIES = frozenset(get_args(Category))
 
 
 @attrs.frozen(kw_only=True)
-class MessageBounced:
-    """A bounce (RFC 3464 DSN or another MTA's failure report) came back for a message we sent.
-
-    Written by `mtad.bounces.processor` with the original's ``Bounced`` delivery and the bounce's own
-    ``message.queued`` (``bounce_id``: the bounce recorded as an incoming message), in one step.
-    ``hard``: a permanent failure; ``category`` (`mtad.outbound.classify`) says whether it speaks about
-    the recipient (``bad_mailbox``) or about us (``policy_block``: a block list, our reputation), so only
-    the first may suppress the address. ``status``, ``diagnostic`` and ``remote_mta`` are the DSN's.
-    The envelope fields name both messages for webhooks (Postal's ``MessageBounced`` payload), as in
-    `MessageDelivery`: the original's unprefixed, the bounce's prefixed ``bounce_``.
-    """
-
-    TYPE: ClassVar[str] = "message.bounced"
+class _Report:
+    """What `MessageBounced` and `SpamComplaint` share: the message a report is about (its envelope
+    unprefixed, as in `MessageDelivery`) and the report itself, recorded as an incoming message (its
+    envelope prefixed ``bounce_``), so that webhooks can name both without reading SQL."""
 
     message_id: int
     server_id: int
     rcpt_to: str
-    bounce_id: int
-    hard: bool
-    category: str = attrs.field(metadata=_choices(*BOUNCE_CATEGORIES))
-    status: str | None = None
-    diagnostic: str | None = None
-    remote_mta: str | None = None
-    timestamp: float
-    #: The SMTP code the diagnostic quotes, the DSN's Action, the classification rule that decided.
-    code: int | None = None
-    action: str | None = None
-    rule: str | None = None
     token: str | None = None
     scope: str | None = attrs.field(default=None, metadata=_choices(*SCOPES))
     mail_from: str | None = None
@@ -194,36 +174,46 @@ class MessageBounced:
 
 
 @attrs.frozen(kw_only=True)
-class SpamComplaint:
+class MessageBounced(_Report):
+    """A bounce (RFC 3464 DSN or another MTA's failure report) came back for a message we sent.
+
+    Written by `mtad.bounces.processor` with the original's ``Bounced`` delivery and the bounce's own
+    ``message.queued`` (``bounce_id``: the bounce recorded as an incoming message), in one step.
+    ``hard``: a permanent failure; ``category`` (`mtad.outbound.classify`) says whether it speaks about
+    the recipient (``bad_mailbox``) or about us (``policy_block``: a block list, our reputation), so only
+    the first may suppress the address. ``status``, ``diagnostic`` and ``remote_mta`` are the DSN's.
+    """
+
+    TYPE: ClassVar[str] = "message.bounced"
+
+    bounce_id: int
+    hard: bool
+    category: str = attrs.field(metadata=_choices(*BOUNCE_CATEGORIES))
+    status: str | None = None
+    diagnostic: str | None = None
+    remote_mta: str | None = None
+    timestamp: float
+    #: The SMTP code the diagnostic quotes, the DSN's Action, the classification rule that decided.
+    code: int | None = None
+    action: str | None = None
+    rule: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SpamComplaint(_Report):
     """A recipient reported a message we sent as spam: an RFC 5965 ARF feedback report came back.
 
     ``feedback_type`` is the report's Feedback-Type (``abuse``, ``fraud``, ...; RFC 5965 §7.3).
-    ``bounce_id`` is the report recorded as an incoming message. Envelope fields as in `MessageBounced`.
+    ``bounce_id`` is the report recorded as an incoming message.
     """
 
     TYPE: ClassVar[str] = "message.complaint"
 
-    message_id: int
-    server_id: int
-    rcpt_to: str
     feedback_type: str
     bounce_id: int | None = None
     timestamp: float
     user_agent: str | None = None
     source_ip: str | None = None
-    token: str | None = None
-    scope: str | None = attrs.field(default=None, metadata=_choices(*SCOPES))
-    mail_from: str | None = None
-    subject: str | None = None
-    header_message_id: str | None = None
-    tag: str | None = None
-    message_timestamp: float | None = None
-    bounce_token: str | None = None
-    bounce_mail_from: str | None = None
-    bounce_rcpt_to: str | None = None
-    bounce_subject: str | None = None
-    bounce_header_message_id: str | None = None
-    bounce_timestamp: float | None = None
 
 
 @attrs.frozen(kw_only=True)
