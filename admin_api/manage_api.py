@@ -964,7 +964,10 @@ class ManageAPI:
             raise ManageError(401, "InvalidServerAPIKey", "The API key in X-Server-API-Key is not valid")
         credential, server = found
         if server.suspended:
-            raise ManageError(403, "ServerSuspended", "The mail server has been suspended")
+            # The reason tells the application what to fix (an automatic suspension says which rate).
+            raise ManageError(
+                403, "ServerSuspended", "The mail server has been suspended", reason=server.suspension_reason
+            )
         self._record_use(credential)
         return server
 

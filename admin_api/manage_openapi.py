@@ -893,6 +893,11 @@ OPENAPI: dict[str, Any] = {
                                 "items": {"type": "integer"},
                                 "description": "Bulk actions cut short by Redis: ids released or cancelled.",
                             },
+                            "reason": {
+                                "type": ["string", "null"],
+                                "description": "ServerSuspended: why (an operator's words, or which rate "
+                                "suspended it automatically).",
+                            },
                         },
                     }
                 },

@@ -376,7 +376,8 @@ class AccessTests(ManageAPITestCase):
         """A suspended server's key is 403 ServerSuspended; its held messages stay held."""
         (message_id,) = await self.held("a@example.com")
         self.transaction(ss.suspend_server, self.server.id, "unpaid", NOW)
-        self.assertError(await self.v2("GET", HELD), 403, "ServerSuspended")
+        body = self.assertError(await self.v2("GET", HELD), 403, "ServerSuspended")
+        self.assertEqual(body["reason"], "unpaid")
         self.assertError(await self.v2("POST", f"{HELD}/{message_id}/release"), 403, "ServerSuspended")
         self.assertError(await self.v2("POST", f"{HELD}/cancel", json={"all": True}), 403, "ServerSuspended")
         self.assertEqual(await self.state(message_id), "held")
