@@ -22,7 +22,10 @@ Key layout under a prefix (``mtad:`` in production; tests use a fresh prefix per
 ``<p>webhook:{<uuid>}``        hash: one webhook request waiting to be POSTed (url, body, attempts, ...)
 ``<p>webhook_done:{<uuid>}``   string with a TTL: the request was delivered or given up (an event handled
                                twice does not queue it again)
-``<p>webhooks:due``            ZSET uuid → next attempt time
+``<p>webhooks:due:<r>``        ZSET uuid → next attempt time, of the requests to receiver ``<r>``
+                               (``scheme://host:port``); ``<p>webhooks:due`` holds requests queued before
+                               receivers were kept apart
+``<p>webhooks:receivers``      ZSET receiver → its earliest due request's time
 ``<p>webhooks:leased``         ZSET uuid → lease deadline (a dispatcher is POSTing it)
 ``<p>bounce:{<id>}``           hash: one message received at the return path, waiting to be read
                                (``data``, ``mail_from``, ``rcpt_to`` JSON, ``received_with_ssl``,
@@ -142,6 +145,13 @@ class QueueKeys:
     @property
     def webhooks_due(self) -> str:
         return f"{self.prefix}webhooks:due"
+
+    @property
+    def webhooks_receivers(self) -> str:
+        return f"{self.prefix}webhooks:receivers"
+
+    def webhooks_due_for(self, receiver: str) -> str:
+        return f"{self.prefix}webhooks:due:{receiver}"
 
     @property
     def webhooks_leased(self) -> str:
@@ -728,7 +738,8 @@ return redis.call('XTRIM', KEYS[1], 'MINID', bound)
 # ones by their lease deadline, and the holder's token is the hash's ``lease_token``. Claiming first puts
 # every item whose lease passed back to due (its holder died or hung), then leases the oldest due ones;
 # a holder finishes or gives back an item only while its token is the item's. (Queued messages lease the
-# same way with more to it, a state and the previous due time: `CLAIM`.)
+# same way with more to it, a state and the previous due time: `CLAIM`; webhook requests are due per
+# receiver and use only ``leased_by``.)
 _LEASES = r"""
 local function leased_by(key, token) return redis.call('HGET', key, 'lease_token') == token end
 local function expire_leases(due, leased, key_of, now)
@@ -761,19 +772,40 @@ local function give_back(due, leased, key, id, due_at)
 end
 """
 
+# Webhook requests are due per receiver (scheme, host and port of the URL): one ZSET of due uuids per
+# receiver, and ``webhooks:receivers`` scoring each receiver by its earliest due request. A claim takes the
+# receivers in that order, each up to the room the claiming process has for it (its per-receiver cap less
+# what it has in flight there), so a receiver with a backlog, or a slow one, never holds up the others'
+# requests, however old its backlog is. Requests queued before receivers existed (no ``receiver`` field)
+# wait in ``webhooks:due``, claimed as the receiver '' without a cap.
 _WEBHOOKS = (
     _LEASES
     + r"""
-local K_DUE, K_LEASED = KEYS[1], KEYS[2]
+local K_DUE, K_LEASED, K_RECEIVERS = KEYS[1], KEYS[2], KEYS[3]
 local PREFIX = ARGV[1]
 local function request_key(uuid) return PREFIX .. 'webhook:{' .. uuid .. '}' end
 local function done_key(uuid) return PREFIX .. 'webhook_done:{' .. uuid .. '}' end
+local function due_key(receiver)
+  if receiver == '' then return K_DUE end
+  return PREFIX .. 'webhooks:due:' .. receiver
+end
+local function receiver_of(rkey) return redis.call('HGET', rkey, 'receiver') or '' end
+local function make_due(uuid, receiver, at)
+  redis.call('ZADD', due_key(receiver), at, uuid)
+  local first = redis.call('ZSCORE', K_RECEIVERS, receiver)
+  if (not first) or tonumber(at) < tonumber(first) then redis.call('ZADD', K_RECEIVERS, at, receiver) end
+end
+local function refresh(receiver)
+  local head = redis.call('ZRANGE', due_key(receiver), 0, 0, 'WITHSCORES')
+  if #head == 0 then redis.call('ZREM', K_RECEIVERS, receiver)
+  else redis.call('ZADD', K_RECEIVERS, head[2], receiver) end
+end
 """
 )
 
-# KEYS: webhooks due, webhooks leased. ARGV: prefix, now, count, then per request: uuid, nfields, fields...
-# Queues each request unless it is queued already or was finished lately (an event handled twice).
-# Answers how many were added.
+# KEYS: legacy due, leased, receivers. ARGV: prefix, now, count, then per request: uuid, receiver,
+# nfields, fields... Queues each request unless it is queued already or was finished lately (an event
+# handled twice). Answers how many were added.
 WEBHOOKS_ADD = Script.of(
     "webhooks_add",
     _WEBHOOKS
@@ -781,42 +813,72 @@ WEBHOOKS_ADD = Script.of(
 local now, count = ARGV[2], tonumber(ARGV[3])
 local i, added = 4, 0
 for n = 1, count do
-  local uuid, nfields = ARGV[i], tonumber(ARGV[i + 1])
+  local uuid, receiver, nfields = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local rkey = request_key(uuid)
   if redis.call('EXISTS', rkey) == 0 and redis.call('EXISTS', done_key(uuid)) == 0 then
-    local args = {'uuid', uuid, 'attempts', 0, 'queued_at', now}
+    local args = {'uuid', uuid, 'receiver', receiver, 'attempts', 0, 'queued_at', now}
     for f = 0, nfields - 1 do
-      args[#args + 1] = ARGV[i + 2 + 2 * f]
       args[#args + 1] = ARGV[i + 3 + 2 * f]
+      args[#args + 1] = ARGV[i + 4 + 2 * f]
     end
     redis.call('HSET', rkey, unpack(args))
-    redis.call('ZADD', K_DUE, now, uuid)
+    make_due(uuid, receiver, now)
     added = added + 1
   end
-  i = i + 2 + 2 * nfields
+  i = i + 3 + 2 * nfields
 end
 return added
 """,
 )
 
-# KEYS: due, leased. ARGV: prefix, now, limit, lease deadline, lease token base. Leases whose deadline
-# passed go back to due first; then up to ``limit`` due requests are leased. Answers flat HGETALL arrays.
+# KEYS: legacy due, leased, receivers. ARGV: prefix, now, limit, lease deadline, lease token base,
+# per-receiver cap, then pairs (receiver, requests the caller has in flight there). Leases whose deadline
+# passed go back to due first; then up to ``limit`` due requests are leased, receivers with the earliest
+# due request first, each up to its room. Answers flat HGETALL arrays.
 WEBHOOKS_CLAIM = Script.of(
     "webhooks_claim",
     _WEBHOOKS
     + r"""
 local now, limit, deadline, base = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-expire_leases(K_DUE, K_LEASED, request_key, now)
+local cap = tonumber(ARGV[6])
+local busy = {}
+for i = 7, #ARGV - 1, 2 do busy[ARGV[i]] = tonumber(ARGV[i + 1]) end
+if redis.call('ZCARD', K_DUE) > 0 then refresh('') end
+for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', K_LEASED, uuid)
+  local rkey = request_key(uuid)
+  if redis.call('EXISTS', rkey) == 1 then
+    redis.call('HDEL', rkey, 'lease_token')
+    make_due(uuid, receiver_of(rkey), now)
+  end
+end
 local claimed = {}
-for _, uuid in ipairs(lease_due(K_DUE, K_LEASED, request_key, now, limit, deadline, base)) do
-  claimed[#claimed + 1] = redis.call('HGETALL', request_key(uuid))
+for _, receiver in ipairs(redis.call('ZRANGEBYSCORE', K_RECEIVERS, '-inf', now, 'LIMIT', 0, 1000)) do
+  local left = limit - #claimed
+  if left <= 0 then break end
+  local room = left
+  if receiver ~= '' then room = math.min(left, cap - (busy[receiver] or 0)) end
+  if room > 0 then
+    local dkey = due_key(receiver)
+    for _, uuid in ipairs(redis.call('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, room)) do
+      redis.call('ZREM', dkey, uuid)
+      local rkey = request_key(uuid)
+      if redis.call('EXISTS', rkey) == 1 then
+        redis.call('HSET', rkey, 'lease_token', base .. ':' .. uuid)
+        redis.call('ZADD', K_LEASED, deadline, uuid)
+        claimed[#claimed + 1] = redis.call('HGETALL', rkey)
+      end
+    end
+    refresh(receiver)
+  end
 end
 return claimed
 """,
 )
 
-# KEYS: due, leased. ARGV: prefix, uuid, lease token, remember_seconds. The request is finished (delivered
-# or given up): deleted, and remembered for ``remember_seconds`` so that it is not queued again.
+# KEYS: legacy due, leased, receivers. ARGV: prefix, uuid, lease token, remember_seconds. The request is
+# finished (delivered or given up): deleted, and remembered for ``remember_seconds`` so that it is not
+# queued again.
 WEBHOOK_DONE = Script.of(
     "webhook_done",
     _WEBHOOKS
@@ -831,7 +893,7 @@ return 1
 """,
 )
 
-# KEYS: due, leased. ARGV: prefix, uuid, lease token, next attempt time, attempts so far.
+# KEYS: legacy due, leased, receivers. ARGV: prefix, uuid, lease token, next attempt time, attempts so far.
 WEBHOOK_RETRY = Script.of(
     "webhook_retry",
     _WEBHOOKS
@@ -839,9 +901,25 @@ WEBHOOK_RETRY = Script.of(
 local uuid, token = ARGV[2], ARGV[3]
 local rkey = request_key(uuid)
 if not leased_by(rkey, token) then return 0 end
+redis.call('ZREM', K_LEASED, uuid)
+redis.call('HDEL', rkey, 'lease_token')
 redis.call('HSET', rkey, 'attempts', ARGV[5])
-give_back(K_DUE, K_LEASED, rkey, uuid, ARGV[4])
+make_due(uuid, receiver_of(rkey), ARGV[4])
 return 1
+""",
+)
+
+# KEYS: legacy due, leased, receivers. ARGV: prefix. Answers {waiting, being sent, receivers waiting}.
+WEBHOOKS_DEPTH = Script.of(
+    "webhooks_depth",
+    _WEBHOOKS
+    + r"""
+local waiting = redis.call('ZCARD', K_DUE)
+local receivers = redis.call('ZRANGE', K_RECEIVERS, 0, -1)
+for _, receiver in ipairs(receivers) do
+  if receiver ~= '' then waiting = waiting + redis.call('ZCARD', due_key(receiver)) end
+end
+return {waiting, redis.call('ZCARD', K_LEASED), #receivers}
 """,
 )
 

@@ -286,6 +286,66 @@ def remove_suppression(conn: Connection, server_id: int, address: str) -> Suppre
     return found
 
 
+@attrs.frozen
+class Delivered:
+    """A message delivered (``Sent``) to ``address`` of a server at ``at``: evidence the mailbox works."""
+
+    server_id: int
+    address: str
+    at: float
+    message_id: int | None = None
+
+
+def remove_delivered(
+    conn: Connection, delivered: Iterable[Delivered], sources: Collection[SuppressionSource]
+) -> list[Suppression]:
+    """Take off the list each address a message was delivered to, when its row is of one of ``sources``
+    and its cause is not newer than the delivery; the rows removed.
+
+    Postal does the same after every ``Sent`` (``remove_recipient_from_suppression_list_on_success``):
+    a mailbox that took mail is no bad mailbox. The time test makes it safe to run late or twice: a
+    delivery handled again after a crash, or one overtaken by a later bounce or complaint, never removes
+    the suppression that came after it. Every delivery of a batch costs one indexed query together (per
+    500 addresses), almost always finding nothing; each row found is deleted only if it still passes the
+    test, so a cause written meanwhile by another transaction survives.
+    """
+    latest: dict[tuple[int, str], Delivered] = {}
+    for d in delivered:
+        key = (d.server_id, normalize_address(d.address))
+        if key not in latest or d.at > latest[key].at:
+            latest[key] = d
+    wanted = sorted(s.value for s in sources)
+    if not latest or not wanted:
+        return []
+    addresses = sorted({address for _, address in latest})
+    server_ids = sorted({server_id for server_id, _ in latest})
+    candidates: list[tuple[Suppression, float]] = []
+    for start in range(0, len(addresses), _LOOKUP_CHUNK):
+        rows = conn.execute(
+            sa.select(suppressions).where(
+                suppressions.c.address.in_(addresses[start : start + _LOOKUP_CHUNK]),
+                suppressions.c.server_id.in_(server_ids),
+                suppressions.c.source.in_(wanted),
+            )
+        )
+        for row in rows:
+            found = latest.get((row.server_id, row.address))
+            if found is not None and row.created_at <= found.at:
+                candidates.append((_from_row(row), found.at))
+    removed = []
+    for candidate, at in candidates:
+        result = conn.execute(
+            suppressions.delete().where(
+                suppressions.c.id == candidate.id,
+                suppressions.c.source.in_(wanted),
+                suppressions.c.created_at <= at,
+            )
+        )
+        if result.rowcount:
+            removed.append(candidate)
+    return removed
+
+
 def _like_escaped(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 

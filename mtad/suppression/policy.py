@@ -12,7 +12,11 @@ Postal suppresses after any two 5xx). So:
   failure in a row (`counts_as_soft_failure`); a ``Sent`` ends the run. A soft failure without a reply
   (connection refused or timed out, DNS trouble, mtad's own errors) says nothing about the address and
   neither counts nor ends a run. ``soft_fail_threshold`` in a row suppress (`SoftFailures`);
-- a spam complaint (``message.complaint``) suppresses (`Complaint`).
+- a spam complaint (``message.complaint``) suppresses (`Complaint`);
+- a ``Sent`` delivery takes its recipient off the list again when the entry is one of
+  `CLEARED_BY_DELIVERY` and not newer than the delivery, as Postal does after every ``Sent``
+  (``remove_recipient_from_suppression_list_on_success``). mtad does not send to a listed address, so this
+  is for mail that was sent anyway: listed while in flight, or while the lookup was down.
 
 Expiry comes from ``[suppression]`` (`expires_at`): ``expiry_days`` for hard bounces, soft failures and
 operators, ``complaint_expiry_days`` and ``unsubscribe_expiry_days`` for those; 0 is never.
@@ -30,6 +34,14 @@ NEVER_SUPPRESS: frozenset[Category] = frozenset({"policy_block", "spam_content"}
 
 #: The category whose hard failures and bounces suppress at once.
 BAD_MAILBOX: Category = "bad_mailbox"
+
+#: The sources of entries a successful delivery removes: the ones that say the mailbox does not work,
+#: which a ``Sent`` disproves (all of Postal's entries are of these kinds). A complaint, an unsubscribe
+#: and an operator's entry say the recipient or the operator does not want the mail; a delivery says
+#: nothing about that, so they stay.
+CLEARED_BY_DELIVERY: frozenset[SuppressionSource] = frozenset(
+    {SuppressionSource.HARD_BOUNCE, SuppressionSource.SOFT_FAILURES}
+)
 
 #: At most this much of a remote reply is kept as a suppression's reason.
 REASON_LIMIT = 1000

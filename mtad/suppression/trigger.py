@@ -8,13 +8,20 @@ It reads every event and acts on three kinds (`mtad.suppression.policy` decides)
 - ``message.bounced``: a hard bounce saying the mailbox does not exist (``HardBounce``);
 - ``message.complaint``: a spam complaint (``Complaint``).
 
+A ``Sent`` also takes its recipient off the list, as Postal does after every successful delivery, when
+the entry says the mailbox does not work (`policy.CLEARED_BY_DELIVERY`: hard bounces, soft failures) and
+is not newer than the delivery (`mtad.store.suppressions.remove_delivered`). Times, not stream order,
+decide between a ``Sent`` and a suppression of the same batch too: a bounce can reach the stream before
+the ``Sent`` of the message it is about, and must not be undone by it.
+
 The count lives in Redis, where every process's trigger sees it: a set per recipient of the stream ids
 of its soft failures (`QueueKeys.soft_failures`), so an event handled twice (at least once, DESIGN.md
 invariant 2) is counted once, and a ``Sent`` deletes it. The set expires ``soft_fail_window`` seconds
 after the last soft failure, so a few failures months apart never add up to a run. The Redis work of a
 batch is done first (every recipient's commands in stream order, recipients concurrently), then the
-batch's suppressions are written in one transaction, and only then are the counts of the recipients
-suppressed deleted; crashing between any two steps and handling the batch again gives the same list.
+batch's removals and suppressions are written in one transaction, and only then are the counts of the
+recipients suppressed deleted; crashing between any two steps and handling the batch again gives the
+same list.
 
 Each suppression is dated by its event (``timestamp``), not by when the trigger ran, so a backlog
 handled late expires when it would have, and handling an event again changes nothing
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,7 +43,14 @@ from mtad.config import SuppressionConfig
 from mtad.events.schema import MessageBounced, MessageDelivery, Received, SpamComplaint
 from mtad.queue.client import RedisClient
 from mtad.queue.keys import QueueKeys
-from mtad.store.suppressions import Suppression, SuppressionSource, add_suppressions, normalize_address
+from mtad.store.suppressions import (
+    Delivered,
+    Suppression,
+    SuppressionSource,
+    add_suppressions,
+    normalize_address,
+    remove_delivered,
+)
 from mtad.suppression import policy
 from mtad.suppression.lookup import UnitOfWork
 
@@ -56,6 +71,32 @@ class _Run:
     reset: bool = False
     #: The soft failures after the last ``Sent`` of the batch: (stream id, event).
     failures: list[tuple[str, MessageDelivery]] = attrs.Factory(list)
+
+
+@attrs.frozen
+class _Changes:
+    """What a batch does to the list, written in one transaction (`_write`)."""
+
+    #: The latest ``Sent`` of each recipient that had one.
+    delivered: list[Delivered]
+    #: The suppressions, each recipient's in stream order.
+    suppressions: list[Suppression]
+
+
+def _write(conn: Connection, changes: _Changes) -> tuple[list[Suppression], list[Suppression]]:
+    """Remove, then add (a suppression that survived the batch's own filter is newer than its delivery);
+    the rows removed and the rows added."""
+    removed = remove_delivered(conn, changes.delivered, policy.CLEARED_BY_DELIVERY)
+    return removed, add_suppressions(conn, changes.suppressions)
+
+
+def _disproved(suppression: Suppression, delivered: Delivered | None) -> bool:
+    """Whether a delivery of the batch, at the same time or later, shows the entry's mailbox works."""
+    return (
+        delivered is not None
+        and suppression.source in policy.CLEARED_BY_DELIVERY
+        and suppression.created_at <= delivered.at
+    )
 
 
 class SuppressionTrigger:
@@ -84,12 +125,13 @@ class SuppressionTrigger:
         return len(events)
 
     async def handle(self, events: Sequence[Received]) -> None:
-        found: dict[_Key, Suppression] = {}
+        found: dict[_Key, list[Suppression]] = {}
         runs: dict[_Key, _Run] = {}
+        delivered: dict[_Key, Delivered] = {}
         for received in events:
             event = received.event
             if isinstance(event, MessageDelivery):
-                self._delivery(received.id, event, found, runs)
+                self._delivery(received.id, event, found, runs, delivered)
             elif isinstance(event, MessageBounced):
                 if policy.bounce_suppresses(event.hard, event.category):
                     self._found(
@@ -123,9 +165,19 @@ class SuppressionTrigger:
                     policy.soft_failures_reason(count, last),
                     last.message_id,
                 )
-        if not found:
+        new = [s for key, listed in found.items() for s in listed if not _disproved(s, delivered.get(key))]
+        if not new and not delivered:
             return
-        added: list[Suppression] = await self._database.run(add_suppressions, list(found.values()))
+        changes = _Changes(list(delivered.values()), new)
+        removed, added = await self._database.run(_write, changes)
+        for s in removed:
+            self.log.info(
+                "removed {address} from the suppression list of server {server_id} ({source}): "
+                "a message was delivered to it",
+                address=s.address,
+                server_id=s.server_id,
+                source=s.source.value,
+            )
         for s in added:
             self.log.info(
                 "suppressed {address} for server {server_id} ({source}): {reason}",
@@ -135,12 +187,17 @@ class SuppressionTrigger:
                 reason=s.reason,
             )
         # Only now, with the suppressions committed: their runs are over.
-        done = [k for k, s in found.items() if s.source is SuppressionSource.SOFT_FAILURES]
+        done = {(s.server_id, s.address) for s in new if s.source is SuppressionSource.SOFT_FAILURES}
         if done:
-            await self._redis.execute("DEL", *(self._keys.soft_failures(*k) for k in done))
+            await self._redis.execute("DEL", *(self._keys.soft_failures(*k) for k in sorted(done)))
 
     def _delivery(
-        self, stream_id: str, event: MessageDelivery, found: dict[_Key, Suppression], runs: dict[_Key, _Run]
+        self,
+        stream_id: str,
+        event: MessageDelivery,
+        found: dict[_Key, list[Suppression]],
+        runs: dict[_Key, _Run],
+        delivered: dict[_Key, Delivered],
     ) -> None:
         if not policy.is_outgoing(event):
             return
@@ -159,12 +216,15 @@ class SuppressionTrigger:
             )
         elif policy.ends_soft_failures(event):
             runs[key] = _Run(reset=True)
+            last = delivered.get(key)
+            if last is None or event.timestamp >= last.at:
+                delivered[key] = Delivered(key[0], key[1], event.timestamp, event.message_id)
         elif policy.counts_as_soft_failure(event):
             runs.setdefault(key, _Run()).failures.append((stream_id, event))
 
     def _found(
         self,
-        found: dict[_Key, Suppression],
+        found: dict[_Key, list[Suppression]],
         server_id: int,
         address: str,
         source: SuppressionSource,
@@ -172,19 +232,22 @@ class SuppressionTrigger:
         reason: str,
         message_id: int | None,
     ) -> None:
-        """Note a suppression for the batch; a later one of the same recipient replaces it."""
+        """Note a suppression for the batch, after the recipient's earlier ones (all are added, in order,
+        so one that never expires is not replaced by a later one that does)."""
         address = normalize_address(address)
         if not address:
             return
-        found[(server_id, address)] = Suppression(
-            id=0,
-            server_id=server_id,
-            address=address,
-            source=source,
-            reason=reason,
-            message_id=message_id,
-            created_at=at,
-            expires_at=policy.expires_at(self.settings, source, at),
+        found.setdefault((server_id, address), []).append(
+            Suppression(
+                id=0,
+                server_id=server_id,
+                address=address,
+                source=source,
+                reason=reason,
+                message_id=message_id,
+                created_at=at,
+                expires_at=policy.expires_at(self.settings, source, at),
+            )
         )
 
     async def _count(self, runs: dict[_Key, _Run]) -> dict[_Key, tuple[int, MessageDelivery]]:

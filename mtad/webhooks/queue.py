@@ -7,23 +7,50 @@ claim due requests with a lease (a dispatcher killed mid-POST leaves a lease tha
 is POSTed again: at least once, with the same ``uuid``). A finished request is remembered for a day, so an
 event handled twice (the consumer crashed before acknowledging) does not queue it again.
 
+Requests are due per receiver (`receiver_of`: scheme, host and port), and a claim takes each receiver's
+only up to the room the claiming process has for it (`WebhookQueue.claim`), so a receiver that is slow or
+has a backlog never keeps the others' requests waiting, however many of its own are due.
+
 Scripts and key names live in `mtad.queue.keys`.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 
 from mtad.queue.client import RedisClient
-from mtad.queue.keys import WEBHOOK_DONE, WEBHOOK_RETRY, WEBHOOKS_ADD, WEBHOOKS_CLAIM, QueueKeys, Script
+from mtad.queue.keys import (
+    WEBHOOK_DONE,
+    WEBHOOK_RETRY,
+    WEBHOOKS_ADD,
+    WEBHOOKS_CLAIM,
+    WEBHOOKS_DEPTH,
+    QueueKeys,
+    Script,
+)
 
 #: How long a finished request's uuid is remembered against queuing it again.
 REMEMBER_SECONDS = 86400
+
+
+def receiver_of(url: str) -> str:
+    """The receiver a URL's requests share a cap at: ``scheme://host:port`` (the sender's per-receiver
+    slots are the same); '' for a URL that has none (it is refused when sent)."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return ""
+    if scheme not in ("http", "https") or not parts.hostname:
+        return ""
+    return f"{scheme}://{parts.hostname.lower()}:{port}"
 
 
 @attrs.frozen
@@ -39,6 +66,7 @@ class NewRequest:
     body: bytes
     #: The envelope's ``timestamp``: when the event was turned into this request.
     created_at: float
+    receiver: str = attrs.field(default=attrs.Factory(lambda self: receiver_of(self.url), takes_self=True))
 
 
 @attrs.frozen
@@ -55,6 +83,8 @@ class PendingRequest:
     #: Attempts made before this one.
     attempts: int
     lease_token: str
+    #: `receiver_of` its URL ('' for a request queued before receivers were kept).
+    receiver: str = ""
 
 
 def _text(value: Any) -> str:
@@ -73,6 +103,7 @@ def _parse(flat: Sequence[Any]) -> PendingRequest:
         created_at=float(raw["created_at"]),
         attempts=int(raw["attempts"]),
         lease_token=_text(raw["lease_token"]),
+        receiver=_text(raw.get("receiver", b"")),
     )
 
 
@@ -84,7 +115,7 @@ class WebhookQueue:
         self.keys = keys if keys is not None else QueueKeys()
 
     def _run(self, script: Script, args: list[str | bytes | int | float]) -> Deferred[Any]:
-        keys = [self.keys.webhooks_due, self.keys.webhooks_leased]
+        keys = [self.keys.webhooks_due, self.keys.webhooks_leased, self.keys.webhooks_receivers]
         return self.client.run_script(script, keys, [self.keys.prefix, *args])
 
     def add(self, requests: Sequence[NewRequest], now: float) -> Deferred[int]:
@@ -107,17 +138,31 @@ class WebhookQueue:
                 "created_at",
                 repr(r.created_at),
             ]
-            args += [r.uuid, len(fields) // 2, *fields]
+            args += [r.uuid, r.receiver, len(fields) // 2, *fields]
         return self._run(WEBHOOKS_ADD, args).addCallback(int)
 
-    def claim(self, now: float, limit: int, lease_seconds: float) -> Deferred[list[PendingRequest]]:
-        """Lease up to ``limit`` due requests until ``now + lease_seconds``."""
+    def claim(
+        self,
+        now: float,
+        limit: int,
+        lease_seconds: float,
+        *,
+        per_receiver: int = 1_000_000,
+        in_flight: Mapping[str, int] | None = None,
+    ) -> Deferred[list[PendingRequest]]:
+        """Lease up to ``limit`` due requests until ``now + lease_seconds``: at most ``per_receiver`` less
+        ``in_flight[receiver]`` (what the caller has there already) of each receiver's, receivers whose
+        requests have waited longest first."""
         args: list[str | bytes | int | float] = [
             repr(now),
             limit,
             repr(now + lease_seconds),
             secrets.token_hex(8),
+            per_receiver,
         ]
+        for receiver, count in (in_flight or {}).items():
+            if receiver and count:
+                args += [receiver, count]
         return self._run(WEBHOOKS_CLAIM, args).addCallback(lambda reply: [_parse(r) for r in reply])
 
     def done(self, request: PendingRequest) -> Deferred[bool]:
@@ -132,9 +177,5 @@ class WebhookQueue:
 
     def depth(self) -> Deferred[dict[str, int]]:
         """Requests waiting and being POSTed, for ``/status``."""
-        return Deferred.fromCoroutine(self._depth())
-
-    async def _depth(self) -> dict[str, int]:
-        due = int(await self.client.execute("ZCARD", self.keys.webhooks_due))
-        leased = int(await self.client.execute("ZCARD", self.keys.webhooks_leased))
-        return {"waiting": due, "sending": leased}
+        d = self._run(WEBHOOKS_DEPTH, [])
+        return d.addCallback(lambda reply: {"waiting": int(reply[0]), "sending": int(reply[1])})

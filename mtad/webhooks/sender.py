@@ -65,6 +65,10 @@ class BodySigner(Protocol):
     def sign(self, body: bytes) -> dict[str, str]: ...
 
 
+class NotStarted(Exception):
+    """A POST given a ``start_by`` got its receiver's slot too late, and was not sent at all."""
+
+
 #: Runs a function in a worker thread: ``in_thread(fn)`` fires with ``fn()``'s result.
 InThread = Callable[[Callable[[], dict[str, str]]], Awaitable[dict[str, str]]]
 
@@ -267,11 +271,26 @@ class WebhookSender:
         self._http = HTTPClient(agent, cookiejar=jar, data_to_body_producer=_BytesProducer)
         self._slots: dict[tuple[str, str, int], DeferredSemaphore] = {}
 
-    def post(self, url: str, body: bytes, timeout: float | None = None) -> Deferred[SendResult]:
+    @property
+    def timeout(self) -> float:
+        """Seconds an attempt may take once it has its receiver's slot (`SenderSettings.timeout`)."""
+        return self._settings.timeout
+
+    @property
+    def per_receiver(self) -> int:
+        """Requests one receiver gets at once from this process (`SenderSettings.per_url_concurrency`)."""
+        return self._settings.per_url_concurrency
+
+    def post(
+        self, url: str, body: bytes, timeout: float | None = None, *, start_by: float | None = None
+    ) -> Deferred[SendResult]:
         """POST ``body`` (the exact bytes signed) to ``url``; ``timeout`` overrides the settings' (an HTTP
-        endpoint has its own). Never fails: every outcome is a `SendResult`, except cancellation."""
+        endpoint has its own). Never fails: every outcome is a `SendResult`, except cancellation and, when
+        ``start_by`` (clock seconds) is given and the receiver's slot comes later, `NotStarted`: nothing was
+        sent. The dispatcher uses it so a request that waited too long behind a slow receiver's others is
+        not sent after its lease ran out, when another process may be sending it already."""
         return Deferred.fromCoroutine(
-            self._post(url, body, self._settings.timeout if timeout is None else timeout)
+            self._post(url, body, self._settings.timeout if timeout is None else timeout, start_by)
         )
 
     def in_flight(self, url: str) -> int:
@@ -279,7 +298,7 @@ class WebhookSender:
         slot = self._slots.get(_Target.parse(url).receiver)
         return 0 if slot is None else slot.limit - slot.tokens
 
-    async def _post(self, url: str, body: bytes, time_limit: float) -> SendResult:
+    async def _post(self, url: str, body: bytes, time_limit: float, start_by: float | None) -> SendResult:
         try:
             target = _Target.parse(url)
         except ValueError as e:
@@ -289,7 +308,7 @@ class WebhookSender:
         if slot is None:
             slot = self._slots[target.receiver] = DeferredSemaphore(self._settings.per_url_concurrency)
         try:
-            await slot.acquire()
+            await self._acquire(slot, start_by)
         except BaseException:
             self._forget_if_idle(target.receiver, slot)
             raise
@@ -298,6 +317,34 @@ class WebhookSender:
         finally:
             slot.release()
             self._forget_if_idle(target.receiver, slot)
+
+    async def _acquire(self, slot: DeferredSemaphore, start_by: float | None) -> None:
+        """Wait for a slot of the receiver; `NotStarted` (out of the queue) if none is free by
+        ``start_by``."""
+        acquired = slot.acquire()
+        if start_by is None or acquired.called:
+            await acquired
+            if start_by is not None and self._clock.seconds() > start_by:
+                slot.release()  # signing took that long
+                raise NotStarted(f"not signed by {start_by}")
+            return
+        late = False
+
+        def give_up() -> None:
+            nonlocal late
+            late = True
+            acquired.cancel()
+
+        timer = self._clock.callLater(max(0.0, start_by - self._clock.seconds()), give_up)
+        try:
+            await acquired
+        except CancelledError:
+            if late:
+                raise NotStarted(f"no free slot by {start_by}") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def _forget_if_idle(self, receiver: tuple[str, str, int], slot: DeferredSemaphore) -> None:
         """Drop an unused receiver's queue, so the table holds only receivers with requests."""

@@ -24,17 +24,47 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mtad.mail.dkim_keys import load_or_create_key
+from mtad.mail import dkim_keys
 
 SIGNATURE_HEADER = "X-Postal-Signature"
 SIGNATURE_256_HEADER = "X-Postal-Signature-256"
 SIGNATURE_KID_HEADER = "X-Postal-Signature-KID"
+
+
+def load_or_create_pem(path: Path, rsa_bits: int = 2048) -> bytes:
+    """The private key PEM in ``path``, a new RSA key generated there (mode 0600) first if there is none.
+
+    Several processes may start at once on one data directory, and all must sign with one key (receivers
+    pin its public half). So, as `mtad.bounces.return_path.load_or_create_secret` does, the new key is
+    written to a file of its own and hard-linked into place: the link fails for all but the first, each
+    loser drops its key and reads the winner's, and nobody reads a half-written file (creating ``path``
+    itself with ``O_EXCL`` failed the losers with FileExistsError, and one could read it empty).
+    """
+    if not path.exists():
+        pem, _ = dkim_keys.generate_key(dkim_keys.RSA, rsa_bits)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process was first: use its key
+        finally:
+            os.unlink(temporary)
+    return path.read_bytes()
 
 
 def _base64url_uint(value: int) -> str:
@@ -78,8 +108,7 @@ class WebhookSigner:
         2048 bits, not the 1024 of Postal's install script: the public half is also fit for a DKIM record,
         where RFC 8301 §3.2 asks for at least 2048.
         """
-        pem, _ = load_or_create_key(path, rsa_bits)
-        return cls(pem)
+        return cls(load_or_create_pem(path, rsa_bits))
 
     def sign(self, body: bytes) -> dict[str, str]:
         """The three signature headers for ``body``, which must be the exact bytes sent."""

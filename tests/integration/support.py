@@ -8,16 +8,21 @@ Addresses: mtad listens on 127.0.0.1 (ports chosen by the kernel), delivers from
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import connectionDone
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IListeningPort, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -126,6 +131,59 @@ def message(subject: str = "Hello", to: str = "alice@example.com", size: int = 0
 async def until(reactor: Any, predicate: Callable[[], bool], limit: float = 15.0) -> None:
     """`tests.outbound.support.until` with room for a whole daemon's start, delivery and recording."""
     await _until(reactor, predicate, limit)
+
+
+#: The ``twistd`` of this virtualenv: the crash tests run the real daemon, ``twistd -n mtad``, in a child.
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+class DaemonProcess(ProcessProtocol):
+    """A child ``twistd -n mtad``: its output (stdout and stderr together) and when and how it ended."""
+
+    def __init__(self) -> None:
+        #: Fires with (exit code, signal) when the child has ended.
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+        self.output = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback((getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)))
+
+
+async def start_daemon(
+    reactor: Any, config_path: Path, data_dir: str, smtp_port: int, limit: float = 30.0
+) -> tuple[IProcessTransport, DaemonProcess]:
+    """``twistd -n mtad --config config_path`` in a child process (its pid file in ``data_dir``); returns
+    once it answers SMTP on ``smtp_port``. Fails the test, with the child's output, if it ends first or
+    does not answer within ``limit`` seconds."""
+    child = DaemonProcess()
+    pidfile = os.path.join(data_dir, "twistd.pid")
+    transport: IProcessTransport = reactor.spawnProcess(
+        child,
+        TWISTD,
+        [TWISTD, "-n", "--pidfile", pidfile, "mtad", "--config", str(config_path)],
+        env=os.environ.copy(),
+    )
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            client = await smtp_session(reactor, smtp_port, None, None)
+        except ConnectionRefusedError:
+            if child.ended.called or time.monotonic() > deadline:
+                if not child.ended.called:
+                    transport.signalProcess("KILL")
+                    await child.ended
+                output = child.output.decode(errors="replace")
+                raise AssertionError(f"mtad did not start:\n{output}") from None
+            await deferLater(reactor, 0.1, lambda: None)
+            continue
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        return transport, child
 
 
 class Installation:

@@ -5,43 +5,31 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.trial import unittest
 
 from mtad.queue.embedded import process_alive
 from mtad.store.messages import MessageStatus, list_messages
-from tests.integration.support import MX_IP, ZONE, Installation, message, smtp_session, until
+from tests.integration.support import (
+    MX_IP,
+    ZONE,
+    DaemonProcess,
+    Installation,
+    message,
+    smtp_session,
+    start_daemon,
+    until,
+)
 from tests.redis_server import real_reactor
 from tests.store.support import SQLITE, fresh_database_url
 from tests.test_accept import closed_port
 from tools.fakedns import start_fake_dns
 from tools.sink import Sink
-
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-class _Child(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-        self.output = bytearray()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback((getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)))
 
 
 class CrashTests(unittest.TestCase):
@@ -89,27 +77,8 @@ hostname = "mta1.test"
 """
         )
 
-    async def start_daemon(self) -> tuple[Any, _Child]:
-        child = _Child()
-        pidfile = os.path.join(self.data_dir, "twistd.pid")
-        transport = self.reactor.spawnProcess(
-            child,
-            TWISTD,
-            [TWISTD, "-n", "--pidfile", pidfile, "mtad", "--config", str(self.config_path)],
-            env=os.environ.copy(),
-        )
-        waited = 0.0
-        while True:
-            try:
-                client = await smtp_session(self.reactor, self.smtp_port, None, None)
-            except ConnectionRefusedError:
-                if child.ended.called or waited > 30:
-                    self.fail(f"mtad did not start:\n{child.output.decode(errors='replace')}")
-                await deferLater(self.reactor, 0.1, lambda: None)
-                waited += 0.1
-                continue
-            client.transport.loseConnection()  # type: ignore[union-attr]
-            return transport, child
+    async def start_daemon(self) -> tuple[IProcessTransport, DaemonProcess]:
+        return await start_daemon(self.reactor, self.config_path, self.data_dir, self.smtp_port)
 
     async def test_kill_9_after_250_then_restart_delivers(self) -> None:
         """A message answered 250 survives SIGKILL of the daemon and is delivered after a restart."""

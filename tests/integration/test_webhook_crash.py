@@ -9,7 +9,6 @@ supervisor restarts from the AOF (``appendfsync always``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
@@ -29,8 +28,17 @@ from mtad.queue.model import QueueError
 from mtad.store.messages import MessageStatus, list_deliveries, list_messages
 from mtad.store.webhooks import WebhookRequest, add_webhook, list_webhook_requests
 from mtad.webhooks.queue import WebhookQueue
-from tests.integration.support import MX_IP, ZONE, Harness, Installation, message, smtp_session, until
-from tests.integration.test_crash import TWISTD, _Child
+from tests.integration.support import (
+    MX_IP,
+    ZONE,
+    DaemonProcess,
+    Harness,
+    Installation,
+    message,
+    smtp_session,
+    start_daemon,
+    until,
+)
 from tests.redis_server import real_reactor
 from tests.store.support import SQLITE, fresh_database_url
 from tests.test_accept import closed_port
@@ -42,6 +50,8 @@ from tools.sink import Sink
 K = 20
 #: Webhook requests the receiver answers (200) before it starts holding them unanswered.
 ANSWERED_BEFORE_KILL = 7
+#: ``webhooks.timeout`` of the daemon-kill test.
+TIMEOUT = 2.0
 
 
 class HoldingReceiver(Receiver):
@@ -154,7 +164,10 @@ poll_interval = 0.05
 poll_interval = 0.05
 [webhooks]
 allowed_networks = ["127.0.0.0/8"]
-retry_delays = [0.5]
+# A short timeout, so the dead daemon's leases (2 x timeout + 5 s: 9 s) expire soon after the restart.
+# Held requests time out before the kill and are tried again, often enough never to be given up.
+timeout = {TIMEOUT}
+retry_delays = [{", ".join(["0.2"] * 40)}]
 [[ip_pools]]
 name = "default"
 [[ip_pools.addresses]]
@@ -163,27 +176,9 @@ hostname = "mta1.test"
 """
         )
 
-    async def start_daemon(self) -> tuple[Any, _Child]:
+    async def start_daemon(self) -> tuple[IProcessTransport, DaemonProcess]:
         """``twistd -n mtad`` in a child process; returns once it answers SMTP."""
-        child = _Child()
-        pidfile = os.path.join(self.data_dir, "twistd.pid")
-        transport = self.reactor.spawnProcess(
-            child,
-            TWISTD,
-            [TWISTD, "-n", "--pidfile", pidfile, "mtad", "--config", str(self.config_path)],
-            env=os.environ.copy(),
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client = await smtp_session(self.reactor, self.smtp_port, None, None)
-            except ConnectionRefusedError:
-                if child.ended.called or time.monotonic() > deadline:
-                    self.fail(f"mtad did not start:\n{child.output.decode(errors='replace')}")
-                await deferLater(self.reactor, 0.1, lambda: None)
-                continue
-            client.transport.loseConnection()  # type: ignore[union-attr]
-            return transport, child
+        return await start_daemon(self.reactor, self.config_path, self.data_dir, self.smtp_port)
 
     async def daemon_redis(self) -> RedisClient:
         """A client of the daemon's embedded Redis (which outlives a SIGKILLed daemon)."""
@@ -212,11 +207,18 @@ hostname = "mta1.test"
                 )
                 self.assertEqual(code, 250, text)
             client.transport.loseConnection()  # type: ignore[union-attr]
-            await until(
-                self.reactor,
-                lambda: len(self.receiver.received) > ANSWERED_BEFORE_KILL and len(self.sent_messages()) == K,
-                limit=30,
-            )
+            redis = await self.daemon_redis()
+            try:
+
+                async def in_flight() -> bool:
+                    if len(self.receiver.received) <= ANSWERED_BEFORE_KILL or len(self.sent_messages()) != K:
+                        return False
+                    leased: int = await redis.execute("ZCARD", QueueKeys().webhooks_leased)
+                    return leased > 0
+
+                await eventually(self.reactor, in_flight, limit=30)
+            finally:
+                await redis.disconnect()
         finally:
             transport.signalProcess("KILL")
             await child.ended
@@ -225,14 +227,12 @@ hostname = "mta1.test"
         self.receiver.answer_first = 10**9
         self.receiver.held = []
 
-        # The dead daemon's leases last lease_seconds (120 s, not configurable) before another dispatcher
-        # may POST their requests again; expire them now instead of waiting.
+        # The dead daemon's requests in flight stay leased to it until their lease (derived from the
+        # timeout) expires; the restarted daemon then POSTs them again.
         redis = await self.daemon_redis()
         try:
-            leased_key = QueueKeys().webhooks_leased
-            leased = await redis.execute("ZRANGE", leased_key, 0, -1)
+            leased = await redis.execute("ZRANGE", QueueKeys().webhooks_leased, 0, -1)
             self.assertTrue(leased, "no webhook request was in flight at the kill")
-            await redis.execute("ZADD", leased_key, "XX", *[x for uuid in leased for x in (0, uuid)])
         finally:
             await redis.disconnect()
 

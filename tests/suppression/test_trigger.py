@@ -308,6 +308,111 @@ class SoftFailureTests(TriggerTestCase):
         self.assertEqual(await self.count(), 0)
 
 
+class DeliveredTests(TriggerTestCase):
+    """A Sent takes its recipient off the list, as Postal's ``remove_recipient_from_suppression_list_on_
+    success`` does, when the entry says the mailbox does not work and is not newer than the delivery."""
+
+    def add(self, address: str, source: SuppressionSource, at: float = NOW, **kwargs: Any) -> None:
+        with self.engine.begin() as conn:
+            sup.add_suppression(conn, self.server.id, address, source, at, **kwargs)
+
+    def bounce(self, rcpt_to: str, at: float) -> Received:
+        event = MessageBounced(
+            message_id=9,
+            server_id=self.server.id,
+            rcpt_to=rcpt_to,
+            bounce_id=10,
+            hard=True,
+            category="bad_mailbox",
+            status="5.1.1",
+            diagnostic="smtp; 550 5.1.1 user unknown",
+            remote_mta="mx.example.test",
+            timestamp=at,
+        )
+        return Received(f"{int(at * 1000)}-{next(self._ids)}", event)
+
+    async def test_sent_removes_hard_bounce_and_soft_failure_entries(self) -> None:
+        """A message delivered to an address listed for a hard bounce or soft failures (it was sent
+        anyway, e.g. listed while in flight) takes the address off the list (any case); another
+        server's entry for the address stays."""
+        await self.trigger.handle(
+            [self.delivery("HardFail", 550, "550 5.1.1 No such user", rcpt_to="bob@example.test")]
+        )
+        self.add("carol@example.test", SuppressionSource.SOFT_FAILURES, reason="5 soft failures")
+        with self.engine.begin() as conn:
+            sup.add_suppression(conn, self.other.id, "bob@example.test", SuppressionSource.HARD_BOUNCE, NOW)
+        self.assertIsNotNone(self.listed())
+        await self.trigger.handle(
+            [
+                self.sent(rcpt_to="Bob@Example.test", at=NOW + 60),
+                self.sent(rcpt_to="carol@example.test", at=NOW + 60),
+            ]
+        )
+        self.assertIsNone(self.listed())
+        self.assertIsNone(self.listed("carol@example.test"))
+        self.assertIsNotNone(self.listed(server=self.other))
+
+    async def test_sent_keeps_consent_and_operator_entries(self) -> None:
+        """Complaints, unsubscribes and an operator's entries say nobody wants the mail, which a
+        delivery does not disprove: they stay."""
+        for address, source in [
+            ("complained@example.test", SuppressionSource.COMPLAINT),
+            ("left@example.test", SuppressionSource.UNSUBSCRIBE),
+            ("operator@example.test", SuppressionSource.MANUAL),
+        ]:
+            self.add(address, source)
+        await self.trigger.handle(
+            [
+                self.sent(rcpt_to=address, at=NOW + 60)
+                for address in ("complained@example.test", "left@example.test", "operator@example.test")
+            ]
+        )
+        for address in ("complained@example.test", "left@example.test", "operator@example.test"):
+            self.assertIsNotNone(self.listed(address), address)
+
+    async def test_sent_older_than_the_entry_keeps_it(self) -> None:
+        """A Sent from before the entry's cause (handled late, or again after a crash) removes nothing."""
+        self.add("bob@example.test", SuppressionSource.HARD_BOUNCE, at=NOW + 60)
+        await self.trigger.handle([self.sent(at=NOW)])
+        entry = self.listed()
+        assert entry is not None
+        self.assertEqual(entry.created_at, NOW + 60)
+
+    async def test_in_one_batch_time_decides(self) -> None:
+        """In one batch, a hard failure followed by a later Sent lists nothing, and a bounce that reached
+        the stream before the (earlier) Sent of its message is listed all the same."""
+        await self.trigger.handle(
+            [
+                self.delivery("HardFail", 550, "550 5.1.1 No such user", at=NOW),
+                self.sent(at=NOW + 1),
+                self.bounce("carol@example.test", at=NOW + 300),
+                self.sent(rcpt_to="carol@example.test", at=NOW + 1),
+            ]
+        )
+        self.assertIsNone(self.listed())
+        entry = self.listed("carol@example.test")
+        assert entry is not None
+        self.assertEqual((entry.source, entry.created_at), (SuppressionSource.HARD_BOUNCE, NOW + 300))
+
+    async def test_complaint_then_hard_bounce_in_one_batch_never_expires(self) -> None:
+        """A complaint and a later hard bounce of one recipient in one batch keep the complaint's
+        never-expiring entry (each is added in turn), as they do in two batches."""
+        complaint = SpamComplaint(
+            message_id=3,
+            server_id=self.server.id,
+            rcpt_to="bob@example.test",
+            feedback_type="abuse",
+            bounce_id=4,
+            timestamp=NOW,
+        )
+        await self.trigger.handle(
+            [Received("1-1", complaint), self.delivery("HardFail", 550, "550 5.1.1 No such user", at=NOW + 5)]
+        )
+        entry = self.listed()
+        assert entry is not None
+        self.assertEqual((entry.source, entry.expires_at), (SuppressionSource.HARD_BOUNCE, None))
+
+
 class ConsumerTests(TriggerTestCase):
     async def test_through_the_stream(self) -> None:
         """Run by a StreamConsumer on the real stream in group "suppression": a batch read again before

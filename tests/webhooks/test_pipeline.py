@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import Clock
 
 from mtad.events.schema import MessageDelivery, MessageQueued, Received
@@ -124,11 +124,14 @@ class Outcome:
 
 
 class RecordingSender:
+    timeout = 5.0
+    per_receiver = 4
+
     def __init__(self) -> None:
         self.posts: list[tuple[str, bytes]] = []
         self.answers: list[Outcome] = []
 
-    def post(self, url: str, body: bytes) -> Deferred[Outcome]:
+    def post(self, url: str, body: bytes, *, start_by: float | None = None) -> Deferred[Outcome]:
         self.posts.append((url, body))
         return succeed(self.answers.pop(0) if self.answers else Outcome(True, 200, "ok"))
 
@@ -157,6 +160,14 @@ class PipelineTests(RedisTestCase):
             self.clock, self.queue, self.database, self.sender, DispatchSettings()
         )
 
+    async def dispatch(self) -> int:
+        """`WebhookDispatcher.run_once`, then wait until the attempts it started are settled in Redis: the
+        lease (15 s with the recording sender's 5 s timeout) is shorter than the clock moves between
+        calls, so an attempt still settling would be claimed again."""
+        claimed = await self.dispatcher.run_once()
+        await DeferredList(list(self.dispatcher._in_flight), consumeErrors=True)
+        return claimed
+
     def batch(self) -> list[Received]:
         sid = self.server.id
         queued = MessageQueued(
@@ -176,7 +187,7 @@ class PipelineTests(RedisTestCase):
         the batch again (at least once) queues nothing more, and each POST's envelope carries its uuid."""
         await self.trigger.handle(self.batch())
         await self.trigger.handle(self.batch())
-        self.assertEqual(await self.dispatcher.run_once(), 3)
+        self.assertEqual(await self.dispatch(), 3)
         urls = sorted(url for url, _ in self.sender.posts)
         self.assertEqual(urls, sorted([self.all.url, self.all.url, self.held.url]))
         bodies = [json.loads(body) for _, body in self.sender.posts]
@@ -184,13 +195,13 @@ class PipelineTests(RedisTestCase):
         self.assertEqual([list(b) for b in bodies], [["event", "timestamp", "payload", "uuid"]] * 3)
         self.assertEqual(len({b["uuid"] for b in bodies}), 3)
         await self.trigger.handle(self.batch())
-        self.assertEqual(await self.dispatcher.run_once(), 0)
+        self.assertEqual(await self.dispatch(), 0)
 
     async def test_success_logged_and_forgotten(self) -> None:
         """A 2xx answer is logged (status, response, will_retry false), the webhook's last use set, and
         the request leaves Redis."""
         await self.trigger.handle(self.batch()[:2])
-        await self.dispatcher.run_once()
+        await self.dispatch()
         with self.engine.begin() as conn:
             (row,) = list_webhook_requests(conn, self.server.id)
             webhook = find_webhook(conn, id=self.all.id)
@@ -204,12 +215,12 @@ class PipelineTests(RedisTestCase):
         the request is given up (last row will_retry false) and leaves Redis."""
         await self.trigger.handle(self.batch()[:2])
         self.sender.answers = [Outcome(False, 500, "boom")] * 6
-        self.assertEqual(await self.dispatcher.run_once(), 1)
+        self.assertEqual(await self.dispatch(), 1)
         for delay in POSTAL_RETRY_DELAYS:
             self.clock.advance(delay - 1)
-            self.assertEqual(await self.dispatcher.run_once(), 0)
+            self.assertEqual(await self.dispatch(), 0)
             self.clock.advance(1)
-            self.assertEqual(await self.dispatcher.run_once(), 1)
+            self.assertEqual(await self.dispatch(), 1)
         with self.engine.begin() as conn:
             rows = sorted(list_webhook_requests(conn, self.server.id), key=lambda r: r.attempt)
         self.assertEqual([r.attempt for r in rows], [1, 2, 3, 4, 5, 6])

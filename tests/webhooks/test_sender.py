@@ -35,6 +35,7 @@ from mtad.webhooks.sender import (
     DESTINATION_REFUSED,
     INVALID_CERTIFICATE,
     TIMED_OUT,
+    NotStarted,
     SenderSettings,
     SendResult,
     WebhookSender,
@@ -349,6 +350,31 @@ class SenderTests(unittest.TestCase):
         self.assertTrue((await second).ok)
         self.assertEqual([r.body for r in slow.received], [b'{"n":1}', b'{"n":2}'])
         self.assertEqual(sender.in_flight(slow_url), 0)
+        self.assertEqual(sender._slots, {})
+
+    async def test_no_slot_by_start_by_is_not_started(self) -> None:
+        """A POST with ``start_by`` still waiting for its receiver's slot then fails with NotStarted and
+        is never sent, leaving the queue; one cancelled by its caller while waiting is CancelledError; one
+        that gets its slot in time is sent."""
+        slow, port = self.receiver()
+        slow.hold = True
+        sender = self.sender(settings=SenderSettings(per_url_concurrency=1))
+        url = f"http://127.0.0.1:{port}/"
+        first = sender.post(url, b'{"n":1}')
+        await until(self.reactor, lambda: len(slow.held) == 1)
+        late = sender.post(url, b'{"n":2}', start_by=self.clock.seconds() + 2)
+        cancelled = sender.post(url, b'{"n":3}', start_by=self.clock.seconds() + 2)
+        in_time = sender.post(url, b'{"n":4}', start_by=self.clock.seconds() + 10)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        self.clock.advance(1.9)
+        self.assertNoResult(late)
+        self.clock.advance(0.1)
+        self.failureResultOf(late, NotStarted)
+        slow.release()
+        self.assertTrue((await first).ok)
+        self.assertTrue((await in_time).ok)
+        self.assertEqual([r.body for r in slow.received], [b'{"n":1}', b'{"n":4}'])
         self.assertEqual(sender._slots, {})
 
     async def test_signs_in_a_worker_thread(self) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from twisted.trial import unittest
 
+from mtad.mail import dkim_keys
 from mtad.webhooks.signing import WebhookSigner
 from tests.integration.test_postal_clients import configure_django
 
@@ -77,6 +79,40 @@ class SignerTests(unittest.TestCase):
         self.assertEqual(self.public.key_size, 2048)
         again = WebhookSigner.load_or_create(self.path)
         self.assertEqual(again.kid, self.signer.kid)
+
+    def test_processes_starting_at_once_share_one_key(self) -> None:
+        """Four starts on one data directory at once (each past the "is there a key?" check before any
+        has written one) all succeed with the same key, the winner's, and leave no temporary file."""
+        path = Path(self.mktemp()) / "signing.key"
+        starts = 4
+        everyone_checked = threading.Barrier(starts, timeout=30)
+        real_generate = dkim_keys.generate_key
+
+        def generate_after_all_checked(algorithm: str, rsa_bits: int = 2048) -> tuple[bytes, str]:
+            generated = real_generate(algorithm, rsa_bits)
+            everyone_checked.wait()
+            return generated
+
+        self.patch(dkim_keys, "generate_key", generate_after_all_checked)
+        kids: list[str] = []
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                kids.append(WebhookSigner.load_or_create(path, rsa_bits=1024).kid)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=start) for _ in range(starts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(kids), starts)
+        self.assertEqual(set(kids), {WebhookSigner(path.read_bytes()).kid})
+        self.assertEqual(os.listdir(path.parent), [path.name])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
     def test_rejects_a_key_that_is_not_rsa(self) -> None:
         """A non-RSA key in the file is refused with a reason rather than producing unverifiable headers."""
