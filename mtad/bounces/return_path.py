@@ -9,12 +9,12 @@ or share the data directory's file.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 import attrs
 
+from mtad.files import create_once
 from mtad.mail.verp import encode_return_path
 
 #: The generated secret's file in ``general.data_dir``.
@@ -35,27 +35,11 @@ def verp_secret(configured: str, data_dir: Path) -> bytes:
 def load_or_create_secret(path: Path) -> bytes:
     """The secret in ``path``, generated there (mode 0600) first if there is none.
 
-    Several processes may start at once on one data directory: the new secret is written to a file of
-    its own and linked into place, which fails for all but the first, and each then reads the one that
-    won. So all of them agree, and nobody reads a half-written file. Raises OSError when the file cannot
-    be read or written, ValueError when what it holds is too short to be a secret.
+    Processes starting at once on one data directory agree on one (`mtad.files.create_once`). Raises
+    OSError when the file cannot be read or written, ValueError when what it holds is too short to be a
+    secret.
     """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_hex(SECRET_BYTES).encode("ascii") + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                pass  # another process was first: use its secret
-        finally:
-            os.unlink(temporary)
-    secret = path.read_bytes().strip()
+    secret = create_once(path, lambda: secrets.token_hex(SECRET_BYTES).encode("ascii") + b"\n").strip()
     if len(secret) < MIN_SECRET_LENGTH:
         raise ValueError(f"{path} holds {len(secret)} characters, a VERP secret needs {MIN_SECRET_LENGTH}")
     return secret

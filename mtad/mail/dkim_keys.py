@@ -13,12 +13,13 @@ base64 of its 32 raw bytes: `ed25519_raw_private_key` converts.
 from __future__ import annotations
 
 import base64
-import os
 import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from mtad.files import create_once
 
 RSA = "rsa"
 ED25519 = "ed25519"
@@ -144,13 +145,8 @@ def load_or_create_key(path: Path, rsa_bits: int = 2048) -> tuple[bytes, str]:
     """The RSA key in ``path`` (private PEM, public base64), generated there (mode 0600) if absent.
 
     The installation's own key lives in the data directory like the self-signed TLS pair: created on first
-    start, kept across restarts, since its public half must stay published in DNS.
+    start, kept across restarts, since its public half must stay published in DNS; processes starting at
+    once agree on one (`mtad.files.create_once`).
     """
-    if not path.exists():
-        pem, _ = generate_key(RSA, rsa_bits)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-    pem = path.read_bytes()
+    pem = create_once(path, lambda: generate_key(RSA, rsa_bits)[0])
     return pem, public_key_from_private(RSA, pem)

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from mtad.files import create_once
 from mtad.mail import dkim_keys
 
 SIGNATURE_HEADER = "X-Postal-Signature"
@@ -43,28 +42,9 @@ def load_or_create_pem(path: Path, rsa_bits: int = 2048) -> bytes:
     """The private key PEM in ``path``, a new RSA key generated there (mode 0600) first if there is none.
 
     Several processes may start at once on one data directory, and all must sign with one key (receivers
-    pin its public half). So, as `mtad.bounces.return_path.load_or_create_secret` does, the new key is
-    written to a file of its own and hard-linked into place: the link fails for all but the first, each
-    loser drops its key and reads the winner's, and nobody reads a half-written file (creating ``path``
-    itself with ``O_EXCL`` failed the losers with FileExistsError, and one could read it empty).
+    pin its public half): `mtad.files.create_once`.
     """
-    if not path.exists():
-        pem, _ = dkim_keys.generate_key(dkim_keys.RSA, rsa_bits)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                pass  # another process was first: use its key
-        finally:
-            os.unlink(temporary)
-    return path.read_bytes()
+    return create_once(path, lambda: dkim_keys.generate_key(dkim_keys.RSA, rsa_bits)[0])
 
 
 def _base64url_uint(value: int) -> str:
