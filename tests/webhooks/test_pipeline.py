@@ -228,6 +228,33 @@ class PipelineTests(RedisTestCase):
         self.assertEqual(len({r.uuid for r in rows}), 1)
         self.assertEqual(await self.queue.depth(), {"waiting": 0, "sending": 0})
 
+    async def test_receiver_down_for_an_hour(self) -> None:
+        """A receiver down for an hour gets the event when it is back: the request waits in Redis (a new
+        dispatcher, as after a restart, finds it) on a schedule spanning the hour. Postal's default one
+        gives up after 36 minutes, so an installation whose receivers may be down longer lengthens
+        ``[webhooks] retry_delays``."""
+        await self.trigger.handle(self.batch()[:2])
+        delays = (*POSTAL_RETRY_DELAYS, 1800.0, 3600.0)
+
+        def dispatcher() -> WebhookDispatcher:
+            settings = DispatchSettings(retry_delays=delays)
+            return WebhookDispatcher(self.clock, self.queue, self.database, self.sender, settings)
+
+        self.dispatcher = dispatcher()
+        self.sender.answers = [Outcome(False, -2, "", error="connection refused")] * 6
+        self.assertEqual(await self.dispatch(), 1)
+        for n, delay in enumerate(delays[:6]):
+            if n == 3:
+                self.dispatcher = dispatcher()  # mtad restarted meanwhile
+            self.clock.advance(delay)
+            self.assertEqual(await self.dispatch(), 1)
+        # The seventh attempt, 66 minutes after the first, finds the receiver back.
+        with self.engine.begin() as conn:
+            rows = sorted(list_webhook_requests(conn, self.server.id), key=lambda r: r.attempt)
+        self.assertEqual([r.status_code for r in rows], [-2] * 6 + [200])
+        self.assertEqual(len({r.uuid for r in rows}), 1)
+        self.assertEqual(await self.queue.depth(), {"waiting": 0, "sending": 0})
+
     async def test_killed_dispatcher_lease_expires_and_request_is_posted_again(self) -> None:
         """A request claimed by a dispatcher that died before settling is claimed again after its lease."""
         await self.trigger.handle(self.batch()[:2])
