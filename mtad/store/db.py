@@ -39,6 +39,16 @@ class AlreadyExists(StoreError):
     """An object with the same unique name already exists."""
 
 
+class FieldError(StoreError):
+    """An input is wrong; ``field`` names it (``url``, ``events[2]``), and so does the message: the API
+    answers it as a JSON error naming the field, the CLI prints the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
 def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # WAL lets readers run while one writer writes; busy_timeout makes writers wait for each other instead of
     # failing at once; SQLite leaves foreign keys off unless asked on every connection.

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mtad.store.db import NotFound, StoreError, insert_ignoring_duplicates
+from mtad.store.db import FieldError, NotFound, insert_ignoring_duplicates
 from mtad.store.raw_messages import UnitOfWork
 from mtad.store.tables import servers, suppressions
 from mtad.sweeps import PeriodicSweep
@@ -63,13 +63,8 @@ class SuppressionSource(enum.StrEnum):
 _SOURCES = frozenset(s.value for s in SuppressionSource)
 
 
-class SuppressionError(StoreError):
+class SuppressionError(FieldError):
     """A suppression's input is wrong; ``field`` names it (``address``, ``source``, ...)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 @attrs.frozen

@@ -367,3 +367,75 @@ suppressions = sa.Table(
     sa.Index(None, "server_id", "created_at"),
     **TABLE_OPTIONS,
 )
+
+endpoints = sa.Table(
+    "endpoints",
+    metadata,
+    # Where a server's incoming mail goes (Postal's HTTP, SMTP and address endpoints, in one table: the
+    # columns of the other kinds are NULL).
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True, default=_new_uuid),
+    sa.Column("server_id", sa.BigInteger, sa.ForeignKey("servers.id", ondelete="CASCADE"), nullable=False),
+    # ``HTTP``, ``SMTP`` or ``Address``.
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    # HTTP: the URL, ``BodyAsJSON`` or ``FormData``, ``Hash`` or ``RawMessage``, reply stripping,
+    # attachments in the Hash, seconds the receiver has to answer (5 to 60).
+    sa.Column("url", sa.Text, nullable=True),
+    sa.Column("encoding", sa.String(16), nullable=True),
+    sa.Column("format", sa.String(16), nullable=True),
+    sa.Column("strip_replies", sa.Boolean, nullable=True),
+    sa.Column("include_attachments", sa.Boolean, nullable=True),
+    sa.Column("timeout", sa.Integer, nullable=True),
+    # SMTP: host, port, ``None``, ``Auto``, ``STARTTLS`` or ``TLS``.
+    sa.Column("hostname", sa.String(253), nullable=True),
+    sa.Column("port", sa.Integer, nullable=True),
+    sa.Column("tls_mode", sa.String(16), nullable=True),
+    # Address: where the mail is forwarded (SRS-rewritten sender).
+    sa.Column("address", sa.String(320), nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("server_id", "name"),
+    **TABLE_OPTIONS,
+)
+
+routes = sa.Table(
+    "routes",
+    metadata,
+    # Which incoming addresses a server accepts, and what becomes of their mail.
+    sa.Column("id", AutoId, primary_key=True, autoincrement=True),
+    sa.Column("uuid", sa.String(36), nullable=False, unique=True, default=_new_uuid),
+    sa.Column("server_id", sa.BigInteger, sa.ForeignKey("servers.id", ondelete="CASCADE"), nullable=False),
+    # The domain's name is copied here (lower-case A-labels) so that a RCPT is one indexed lookup; NULL
+    # for the return-path route.
+    sa.Column("domain_id", sa.BigInteger, sa.ForeignKey("domains.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("domain", sa.String(253), nullable=True),
+    # A local part (lower-case), ``*`` for the whole domain, or ``__returnpath__``.
+    sa.Column("name", sa.String(64), nullable=False),
+    # ``Endpoint``, ``Accept``, ``Hold``, ``Bounce`` or ``Reject``.
+    sa.Column("mode", sa.String(16), nullable=False),
+    # ``Mark``, ``Quarantine`` or ``Fail``.
+    sa.Column("spam_mode", sa.String(16), nullable=False),
+    # Eight characters: the route's forwarding address ``<token>@<route domain>``.
+    sa.Column("token", sa.String(16), nullable=False, unique=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    # One route per address across all servers (as in Postal): the RCPT decides by it alone.
+    sa.UniqueConstraint("domain", "name"),
+    sa.Index(None, "server_id"),
+    sa.Index(None, "domain_id"),
+    **TABLE_OPTIONS,
+)
+
+route_endpoints = sa.Table(
+    "route_endpoints",
+    metadata,
+    # The endpoints a route's mail goes to, each getting its own copy; ``position`` orders them.
+    sa.Column("route_id", sa.BigInteger, sa.ForeignKey("routes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "endpoint_id", sa.BigInteger, sa.ForeignKey("endpoints.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Index(None, "endpoint_id"),
+    **TABLE_OPTIONS,
+)

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mtad.store.db import NotFound, StoreError, insert_ignoring_duplicates
+from mtad.store.db import FieldError, NotFound, insert_ignoring_duplicates
 from mtad.store.raw_messages import UnitOfWork
 from mtad.store.tables import servers, webhook_events, webhook_requests, webhooks
 from mtad.sweeps import PeriodicSweep
@@ -80,13 +80,8 @@ _URL_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
 _PERCENT_ENCODING = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-class WebhookError(StoreError):
+class WebhookError(FieldError):
     """A webhook setting is wrong; ``field`` names it (``url``, ``events[2]``), and so does the message."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 class Keep(enum.Enum):
