@@ -44,6 +44,7 @@ from mtad.store import credentials as credential_store
 from mtad.store import domains as domain_store
 from mtad.store import messages as message_store
 from mtad.store import organizations as organization_store
+from mtad.store import routes as route_store
 from mtad.store import servers as server_store
 from mtad.store import suppressions as suppression_store
 from mtad.store import webhooks as webhook_store
@@ -690,6 +691,101 @@ class _Commands:
 
     # Webhooks.
 
+    # -- routes and endpoints ---------------------------------------------------------------------------
+
+    def add_endpoint(self, args: argparse.Namespace) -> None:
+        def add(conn: Connection) -> tuple[server_store.Server, route_store.Endpoint]:
+            server = server_store.get_server_by_name(conn, args.server)
+            now = time.time()
+            if args.http is not None:
+                endpoint = route_store.add_http_endpoint(
+                    conn,
+                    server.id,
+                    args.name,
+                    args.http,
+                    now,
+                    encoding=args.encoding,
+                    format=args.format,
+                    strip_replies=args.strip_replies,
+                    include_attachments=not args.no_attachments,
+                    timeout=args.timeout,
+                )
+            elif args.smtp is not None:
+                host, _, port = args.smtp.rpartition(":") if ":" in args.smtp else (args.smtp, "", "25")
+                if not port.isdigit():
+                    raise CommandError(f"--smtp: the port of {args.smtp!r} is not a number")
+                endpoint = route_store.add_smtp_endpoint(
+                    conn, server.id, args.name, host, now, port=int(port), tls_mode=args.tls
+                )
+            else:
+                endpoint = route_store.add_address_endpoint(conn, server.id, args.name, args.address, now)
+            return server, endpoint
+
+        server, endpoint = self.transaction(add)
+        self.print(
+            f"{endpoint.kind} endpoint {endpoint.name!r} added to {server.full_permalink}: "
+            + endpoint.describe(),
+            f"uuid: {endpoint.uuid}",
+        )
+
+    def list_endpoints(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> list[route_store.Endpoint]:
+            return route_store.list_endpoints(conn, server_store.get_server_by_name(conn, args.server).id)
+
+        self._table(
+            ["NAME", "KIND", "WHERE", "UUID"],
+            [[e.name, e.kind, e.describe(), e.uuid] for e in self.transaction(load)],
+        )
+
+    def remove_endpoint(self, args: argparse.Namespace) -> None:
+        def remove(conn: Connection) -> route_store.Endpoint:
+            server = server_store.get_server_by_name(conn, args.server)
+            return route_store.remove_endpoint(conn, server.id, args.endpoint, time.time())
+
+        endpoint = self.transaction(remove)
+        self.print(f"endpoint {endpoint.name!r} removed; a route left without endpoints now rejects its mail")
+
+    def add_route(self, args: argparse.Namespace) -> None:
+        def add(conn: Connection) -> tuple[server_store.Server, route_store.Route]:
+            server = server_store.get_server_by_name(conn, args.server)
+            route = route_store.add_route(
+                conn,
+                server.id,
+                args.address,
+                time.time(),
+                mode=args.mode,
+                endpoints_=args.endpoints or (),
+                spam_mode=args.spam_mode,
+            )
+            return server, route
+
+        server, route = self.transaction(add)
+        where = ", ".join(e.name for e in route.endpoints) or "-"
+        self.print(
+            f"route {route.address} added to {server.full_permalink}: {route.mode} (endpoints: {where})",
+            f"forwarding address token: {route.token}",
+        )
+
+    def list_routes(self, args: argparse.Namespace) -> None:
+        def load(conn: Connection) -> list[route_store.Route]:
+            return route_store.list_routes(conn, server_store.get_server_by_name(conn, args.server).id)
+
+        self._table(
+            ["ADDRESS", "MODE", "SPAM", "ENDPOINTS", "TOKEN"],
+            [
+                [r.address, r.mode, r.spam_mode, ", ".join(e.name for e in r.endpoints) or "-", r.token]
+                for r in self.transaction(load)
+            ],
+        )
+
+    def remove_route(self, args: argparse.Namespace) -> None:
+        def remove(conn: Connection) -> route_store.Route:
+            server = server_store.get_server_by_name(conn, args.server)
+            return route_store.remove_route(conn, server.id, args.route)
+
+        route = self.transaction(remove)
+        self.print(f"route {route.address} removed")
+
     def add_webhook(self, args: argparse.Namespace) -> None:
         def add(conn: Connection) -> tuple[server_store.Server, webhook_store.Webhook]:
             server = server_store.get_server_by_name(conn, args.server)
@@ -1122,10 +1218,59 @@ def _parser() -> argparse.ArgumentParser:
 
     _webhook_commands(commands)
     _suppression_commands(commands)
+    _route_commands(commands)
     return parser
 
 
 _EVENT_HELP = "send only this event (repeatable); the events are " + ", ".join(webhook_store.WEBHOOK_EVENTS)
+
+
+def _route_commands(commands: Any) -> None:
+    p = commands.add_parser("add-endpoint", help="add an endpoint: where a server's incoming mail goes")
+    p.add_argument("server", metavar="SERVER", help="organization/server (or a unique server permalink)")
+    p.add_argument("name", help="a name for it, unique in the server")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--http", metavar="URL", help="POST each message to this URL, signed like webhooks")
+    kind.add_argument("--smtp", metavar="HOST[:PORT]", help="relay each message to this SMTP server")
+    kind.add_argument("--address", metavar="ADDRESS", help="forward each message to this address")
+    p.add_argument("--encoding", choices=[e.value for e in route_store.Encoding], default="BodyAsJSON")
+    p.add_argument("--format", choices=[f.value for f in route_store.Format], default="Hash")
+    p.add_argument("--strip-replies", action="store_true", help="Hash: leave quoted replies out")
+    p.add_argument("--no-attachments", action="store_true", help="Hash: leave attachments out")
+    p.add_argument("--timeout", type=int, default=route_store.DEFAULT_TIMEOUT, help="seconds (5 to 60)")
+    p.add_argument("--tls", choices=[t.value for t in route_store.TLSMode], default="Auto", help="SMTP")
+
+    p = commands.add_parser("list-endpoints", help="list a server's endpoints")
+    p.add_argument("server", metavar="SERVER")
+
+    p = commands.add_parser(
+        "remove-endpoint", help="delete an endpoint (its routes reject if left with none)"
+    )
+    p.add_argument("server", metavar="SERVER")
+    p.add_argument("endpoint", metavar="ENDPOINT", help="its name or uuid")
+
+    p = commands.add_parser(
+        "add-route", help="route incoming mail for local@domain (or *@domain) of a server's domain"
+    )
+    p.add_argument("server", metavar="SERVER")
+    p.add_argument("address", metavar="ADDRESS", help="local@domain, *@domain or __returnpath__")
+    p.add_argument(
+        "--endpoint",
+        dest="endpoints",
+        metavar="ENDPOINT",
+        action="extend",
+        nargs="+",
+        help="names (in order)",
+    )
+    p.add_argument("--mode", choices=[m.value for m in route_store.RouteMode], default="Endpoint")
+    p.add_argument("--spam-mode", choices=[m.value for m in route_store.SpamMode], default="Mark")
+
+    p = commands.add_parser("list-routes", help="list a server's routes")
+    p.add_argument("server", metavar="SERVER")
+
+    p = commands.add_parser("remove-route", help="delete a route")
+    p.add_argument("server", metavar="SERVER")
+    p.add_argument("route", metavar="ROUTE", help="its address, token or uuid")
 
 
 def _webhook_commands(commands: Any) -> None:

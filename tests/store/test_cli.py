@@ -15,6 +15,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtad.cli import CommandError, database_url_from_toml, main
+from mtad.store import domains as domain_store
+from mtad.store import servers as server_store
+from mtad.store.db import make_engine
 from mtad.store.migrate import head_revision
 from tests.domains.support import add_record
 from tools.fakedns import FakeDNS, start_fake_dns
@@ -131,6 +134,56 @@ class CLITests(SynchronousTestCase):
         self.assertNotIn("yes:", row())
         _, err = self.mtad("set-server", "acme/main", "--suspend", "x", "--unsuspend", status=1)
         self.assertIn("not both", err)
+
+    def test_routes_and_endpoints(self) -> None:
+        """add-endpoint (HTTP, SMTP, address), add-route, list-* and remove-*; bad input exits 1 with a
+        message naming what is wrong."""
+        self.mtad("initialize")
+        self.mtad("make-organization", "Acme")
+        self.mtad("make-server", "acme", "Main")
+        engine = make_engine(database_url_from_toml(self.config))
+        try:
+            with engine.begin() as conn:
+                server = server_store.get_server_by_name(conn, "acme/main")
+                domain = domain_store.create_domain(
+                    conn, "example.org", 0.0, server_id=server.id, rsa_bits=1024
+                )
+                domain_store.verify_domain(conn, domain.id, 0.0)
+        finally:
+            engine.dispose()
+        out, _ = self.mtad(
+            "add-endpoint", "acme/main", "app", "--http", "https://app.example/in", "--timeout", "30"
+        )
+        self.assertIn(
+            "HTTP endpoint 'app' added to acme/main: https://app.example/in (BodyAsJSON, Hash)", out
+        )
+        out, _ = self.mtad(
+            "add-endpoint", "acme/main", "relay", "--smtp", "mx.example.net:2525", "--tls", "STARTTLS"
+        )
+        self.assertIn("smtp://mx.example.net:2525 (TLS STARTTLS)", out)
+        self.mtad("add-endpoint", "acme/main", "boss", "--address", "boss@example.net")
+        out, _ = self.mtad("list-endpoints", "acme/main")
+        self.assertEqual([line.split()[0] for line in out.splitlines()[1:]], ["app", "boss", "relay"])
+        out, _ = self.mtad("add-route", "acme/main", "support@example.org", "--endpoint", "app", "relay")
+        self.assertIn("route support@example.org added to acme/main: Endpoint (endpoints: app, relay)", out)
+        self.mtad("add-route", "acme/main", "*@example.org", "--mode", "Reject")
+        out, _ = self.mtad("list-routes", "acme/main")
+        self.assertRegex(out, r"\n\*@example\.org +Reject +Mark +- +[a-z0-9]{8}\n")
+        self.assertRegex(out, r"\nsupport@example\.org +Endpoint +Mark +app, relay +[a-z0-9]{8}\n")
+        _, err = self.mtad("add-route", "acme/main", "sales@example.org", status=1)
+        self.assertIn("needs at least one endpoint", err)
+        _, err = self.mtad("add-route", "acme/main", "x@unknown.example", "--endpoint", "app", status=1)
+        self.assertIn("not a verified domain", err)
+        _, err = self.mtad("add-endpoint", "acme/main", "bad", "--http", "ftp://x.example/", status=1)
+        self.assertIn("`url`", err)
+        self.mtad("remove-endpoint", "acme/main", "app")
+        self.mtad("remove-endpoint", "acme/main", "relay")
+        out, _ = self.mtad("list-routes", "acme/main")
+        self.assertRegex(out, r"\nsupport@example\.org +Reject +Mark +- ")
+        out, _ = self.mtad("remove-route", "acme/main", "support@example.org")
+        self.assertIn("route support@example.org removed", out)
+        _, err = self.mtad("remove-route", "acme/main", "support@example.org", status=1)
+        self.assertIn("no route", err)
 
     def test_duplicate_and_unknown_are_errors(self) -> None:
         """Duplicate organizations and unknown organizations exit 1 with a one-line message naming them."""
