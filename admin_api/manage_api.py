@@ -26,6 +26,12 @@ The suppression list (`mtad.store.suppressions`) is the server's own too: paged 
 the total (filtered by ``source`` and an address substring ``search``), an entry named in paths by its
 address; ``GET /api/v2/suppressions/export`` streams the whole list as JSON lines or CSV
 (`mtad.suppression.export`), read in chunks of one short transaction each.
+
+Endpoints and routes (`mtad.store.routes`) say where the server's incoming mail goes: an endpoint (HTTP,
+SMTP or an address to forward to) is named in paths by its uuid or name (matched first), or its id; a
+route by its uuid, forwarding token or address (``local@domain``, ``*@domain``, ``__returnpath__``), or
+its id. The store's rules decide what may be added; its errors name the field (400), a name or address
+already taken is 409.
 """
 
 from __future__ import annotations
@@ -63,15 +69,17 @@ from mtad.outbound.held_actions import (
 )
 from mtad.queue.model import RedisUnavailable
 from mtad.queue.redis_queue import RedisQueue
+from mtad.store import routes as route_store
 from mtad.store import suppressions as suppression_store
 from mtad.store import webhooks as webhook_store
 from mtad.store.credentials import Credential, touch_credential
-from mtad.store.db import Database
+from mtad.store.db import AlreadyExists, Database, FieldError
 from mtad.store.db import NotFound as StoreNotFound
 from mtad.store.messages import HeldFilter, Message, held_message_ids, list_held_messages
+from mtad.store.routes import Endpoint, EndpointKind, Route, RouteError
 from mtad.store.servers import Server
 from mtad.store.suppressions import Suppression, SuppressionError
-from mtad.store.webhooks import Webhook, WebhookError, WebhookRequest
+from mtad.store.webhooks import Webhook, WebhookRequest
 from mtad.suppression import export as suppression_export
 from mtad.suppression.policy import expires_at as suppression_expiry
 
@@ -99,6 +107,17 @@ WEBHOOK_FIELDS = ("url", "name", "events", "enabled")
 
 #: The fields of an entry in ``POST /api/v2/suppressions``.
 SUPPRESSION_FIELDS = ("address", "source", "reason", "expires_at")
+
+#: The fields of each kind of endpoint in ``POST /api/v2/endpoints``, besides ``kind`` and ``name``; the
+#: first is required.
+ENDPOINT_FIELDS: dict[EndpointKind, tuple[str, ...]] = {
+    EndpointKind.HTTP: ("url", "encoding", "format", "strip_replies", "include_attachments", "timeout"),
+    EndpointKind.SMTP: ("hostname", "port", "tls_mode"),
+    EndpointKind.ADDRESS: ("address",),
+}
+
+#: The fields of a route in ``POST /api/v2/routes``.
+ROUTE_FIELDS = ("address", "mode", "spam_mode", "endpoints")
 
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -138,6 +157,14 @@ def webhook_not_found(ref: str) -> ManageError:
 
 def suppression_not_found(address: str) -> ManageError:
     return ManageError(404, "SuppressionNotFound", f"{address} is not on the server's suppression list")
+
+
+def endpoint_not_found(ref: str) -> ManageError:
+    return ManageError(404, "EndpointNotFound", f"the server has no endpoint {ref!r}")
+
+
+def route_not_found(ref: str) -> ManageError:
+    return ManageError(404, "RouteNotFound", f"the server has no route {ref!r}")
 
 
 def database_unavailable() -> ManageError:
@@ -570,6 +597,197 @@ def suppression_page_data(page: suppression_store.SuppressionPage) -> dict[str, 
     }
 
 
+# -- endpoints and routes ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EndpointInput:
+    """A new endpoint: its kind, name and the fields of its kind that were given (the store checks them
+    and fills in the rest)."""
+
+    kind: EndpointKind
+    name: str
+    fields: dict[str, Any]
+
+
+def _kind_fields(kind: EndpointKind) -> str:
+    return ", ".join(ENDPOINT_FIELDS[kind])
+
+
+def parse_endpoint_input(body: bytes) -> EndpointInput:
+    """``kind`` (``HTTP``, ``SMTP``, ``Address``), ``name``, and the fields of that kind (`ENDPOINT_FIELDS`,
+    the first required); a field of another kind or of none is refused, naming it."""
+    given = _json_body(body, 'The body must be a JSON object: {"kind": "HTTP", "name": ..., "url": ...}')
+    every = {field for fields in ENDPOINT_FIELDS.values() for field in fields}
+    for field in given:
+        if field not in ("kind", "name") and field not in every:
+            raise bad_input(
+                field,
+                f"unknown field `{field}`; an endpoint has kind, name and, by kind: "
+                + "; ".join(f"{k}: {_kind_fields(k)}" for k in EndpointKind),
+            )
+    if "kind" not in given:
+        raise bad_input("kind", "`kind` is required: HTTP, SMTP or Address")
+    kind = next(
+        (
+            k
+            for k in EndpointKind
+            if isinstance(given["kind"], str) and given["kind"].strip().lower() == k.lower()
+        ),
+        None,
+    )
+    if kind is None:
+        raise bad_input("kind", f"`kind` is {given['kind']!r}; it must be one of HTTP, SMTP, Address")
+    for field in given:
+        if field in every and field not in ENDPOINT_FIELDS[kind]:
+            raise bad_input(
+                field, f"`{field}` is not a field of an {kind} endpoint, which has {_kind_fields(kind)}"
+            )
+    name = given.get("name")
+    if name is None:
+        raise bad_input("name", "`name` is required: the endpoint's name, unique in the server")
+    if not isinstance(name, str):
+        raise bad_input("name", "`name` must be a non-empty string")
+    for field in ("strip_replies", "include_attachments"):
+        if field in given and not isinstance(given[field], bool):
+            raise bad_input(field, f"`{field}` must be true or false")
+    required = ENDPOINT_FIELDS[kind][0]
+    if given.get(required) is None:
+        raise bad_input(required, f"`{required}` is required for an {kind} endpoint")
+    fields = {field: value for field, value in given.items() if field in ENDPOINT_FIELDS[kind]}
+    return EndpointInput(kind=kind, name=name, fields=fields)
+
+
+@attrs.frozen
+class RouteInput:
+    address: str
+    mode: object
+    spam_mode: object
+    #: Endpoint names or uuids, in order.
+    endpoints: tuple[str, ...]
+
+
+def parse_route_input(body: bytes) -> RouteInput:
+    """``address`` (required), ``mode`` (default ``Endpoint``), ``spam_mode`` (default ``Mark``),
+    ``endpoints`` (names or uuids of the server's endpoints); nothing else."""
+    given = _json_body(body, 'The body must be a JSON object: {"address": ..., "endpoints": [...]}')
+    for field in given:
+        if field not in ROUTE_FIELDS:
+            raise bad_input(field, f"unknown field `{field}`; a route has {', '.join(ROUTE_FIELDS)}")
+    address = given.get("address")
+    if address is None:
+        raise bad_input("address", "`address` is required: local@domain, *@domain or __returnpath__")
+    if not isinstance(address, str):
+        raise bad_input("address", "`address` must be a string: local@domain, *@domain or __returnpath__")
+    refs = given.get("endpoints", [])
+    if refs is None:
+        refs = []
+    if not isinstance(refs, list):
+        raise bad_input("endpoints", "`endpoints` must be an array of endpoint names or uuids")
+    for n, ref in enumerate(refs):
+        if not isinstance(ref, str) or not ref.strip():
+            raise bad_input(f"endpoints[{n}]", f"`endpoints[{n}]` must be an endpoint's name or uuid")
+    return RouteInput(
+        address=address,
+        mode=given.get("mode", route_store.RouteMode.ENDPOINT.value),
+        spam_mode=given.get("spam_mode", route_store.SpamMode.MARK.value),
+        endpoints=tuple(ref.strip() for ref in refs),
+    )
+
+
+def endpoint_data(endpoint: Endpoint) -> dict[str, Any]:
+    """An endpoint as the API gives it: every field of every kind, null where not of its kind."""
+    http = endpoint.kind is EndpointKind.HTTP
+    return {
+        "id": endpoint.id,
+        "uuid": endpoint.uuid,
+        "kind": endpoint.kind.value,
+        "name": endpoint.name,
+        "url": endpoint.url,
+        "encoding": None if endpoint.encoding is None else endpoint.encoding.value,
+        "format": None if endpoint.format is None else endpoint.format.value,
+        "strip_replies": endpoint.strip_replies if http else None,
+        "include_attachments": endpoint.include_attachments if http else None,
+        "timeout": endpoint.timeout,
+        "hostname": endpoint.hostname,
+        "port": endpoint.port,
+        "tls_mode": None if endpoint.tls_mode is None else endpoint.tls_mode.value,
+        "address": endpoint.address,
+    }
+
+
+def route_data(route: Route) -> dict[str, Any]:
+    """A route as the API gives it; ``domain`` is null for the return-path route."""
+    return {
+        "id": route.id,
+        "uuid": route.uuid,
+        "address": route.address,
+        "name": route.name,
+        "domain": route.domain,
+        "mode": route.mode.value,
+        "spam_mode": route.spam_mode.value,
+        "token": route.token,
+        "endpoints": [{"uuid": e.uuid, "name": e.name, "kind": e.kind.value} for e in route.endpoints],
+    }
+
+
+def _add_endpoint(conn: Connection, server_id: int, given: EndpointInput, now: float) -> Endpoint:
+    fields = dict(given.fields)
+    if given.kind is EndpointKind.HTTP:
+        url = fields.pop("url")
+        return route_store.add_http_endpoint(conn, server_id, given.name, url, now, **fields)
+    if given.kind is EndpointKind.SMTP:
+        hostname = fields.pop("hostname")
+        return route_store.add_smtp_endpoint(conn, server_id, given.name, hostname, now, **fields)
+    return route_store.add_address_endpoint(conn, server_id, given.name, fields["address"], now)
+
+
+def _find_endpoint(conn: Connection, server_id: int, ref: str) -> Endpoint:
+    """The server's endpoint whose uuid (any case) or name is ``ref``, else whose id it is."""
+    for candidate in dict.fromkeys((ref, ref.lower() if _UUID.fullmatch(ref) else ref)):
+        try:
+            return route_store.get_endpoint(conn, server_id, candidate)
+        except StoreNotFound:
+            pass
+    if _DIGITS.fullmatch(ref) and 0 < int(ref) <= MAX_ID:
+        return route_store.get_endpoint(conn, server_id, int(ref))
+    raise StoreNotFound(f"the server has no endpoint {ref!r}")
+
+
+def _remove_endpoint(conn: Connection, server_id: int, ref: str, now: float) -> Endpoint:
+    return route_store.remove_endpoint(conn, server_id, _find_endpoint(conn, server_id, ref).id, now)
+
+
+def _add_route(conn: Connection, server_id: int, given: RouteInput, now: float) -> Route:
+    """The route, its endpoints named by name or uuid; one the server does not have is a bad input naming
+    it (not a 404: the path was found)."""
+    chosen: list[int | str] = []
+    for n, ref in enumerate(given.endpoints):
+        try:
+            chosen.append(_find_endpoint(conn, server_id, ref).id)
+        except StoreNotFound:
+            raise RouteError(
+                f"endpoints[{n}]", f"`endpoints[{n}]`: the server has no endpoint {ref!r}"
+            ) from None
+    return route_store.add_route(
+        conn, server_id, given.address, now, mode=given.mode, spam_mode=given.spam_mode, endpoints_=chosen
+    )
+
+
+def _find_route(conn: Connection, server_id: int, ref: str) -> Route:
+    """The server's route whose uuid (any case), token or address is ``ref``, else whose id it is."""
+    try:
+        return route_store.get_route(conn, server_id, ref.lower())
+    except StoreNotFound:
+        if _DIGITS.fullmatch(ref) and 0 < int(ref) <= MAX_ID:
+            return route_store.get_route(conn, server_id, int(ref))
+        raise
+
+
+def _remove_route(conn: Connection, server_id: int, ref: str) -> Route:
+    return route_store.remove_route(conn, server_id, _find_route(conn, server_id, ref).id)
+
+
 def route_paths(app: Klein) -> dict[str, set[str]]:
     """Every path ``app`` routes (OpenAPI's ``{name}`` for Klein's ``<name>``) with its methods, lower
     case, without the HEAD and OPTIONS that Werkzeug adds by itself."""
@@ -693,6 +911,42 @@ class ManageAPI:
     @app.route("/api/v2/suppressions/<path:address>", methods=["DELETE"])
     async def remove_suppression_route(self, request: IRequest, address: str) -> bytes:
         return await self._respond(request, lambda server: self.remove_suppression(server, address))
+
+    @app.route("/api/v2/endpoints", methods=["GET"])
+    async def list_endpoints_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.list_endpoints)
+
+    @app.route("/api/v2/endpoints", methods=["POST"])
+    async def add_endpoint_route(self, request: IRequest) -> bytes:
+        return await self._respond(
+            request, lambda server: self.add_endpoint(server, request, _body(request)), status=201
+        )
+
+    @app.route("/api/v2/endpoints/<endpoint_ref>", methods=["GET"])
+    async def get_endpoint_route(self, request: IRequest, endpoint_ref: str) -> bytes:
+        return await self._respond(request, lambda server: self.get_endpoint(server, endpoint_ref))
+
+    @app.route("/api/v2/endpoints/<endpoint_ref>", methods=["DELETE"])
+    async def remove_endpoint_route(self, request: IRequest, endpoint_ref: str) -> bytes:
+        return await self._respond(request, lambda server: self.remove_endpoint(server, endpoint_ref))
+
+    @app.route("/api/v2/routes", methods=["GET"])
+    async def list_routes_route(self, request: IRequest) -> bytes:
+        return await self._respond(request, self.list_routes)
+
+    @app.route("/api/v2/routes", methods=["POST"])
+    async def add_route_route(self, request: IRequest) -> bytes:
+        return await self._respond(
+            request, lambda server: self.add_route(server, request, _body(request)), status=201
+        )
+
+    @app.route("/api/v2/routes/<route_ref>", methods=["GET"])
+    async def get_route_route(self, request: IRequest, route_ref: str) -> bytes:
+        return await self._respond(request, lambda server: self.get_route(server, route_ref))
+
+    @app.route("/api/v2/routes/<route_ref>", methods=["DELETE"])
+    async def remove_route_route(self, request: IRequest, route_ref: str) -> bytes:
+        return await self._respond(request, lambda server: self.remove_route(server, route_ref))
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -868,6 +1122,67 @@ class ManageAPI:
             raise suppression_not_found(address)
         return {"address": entry.address, "deleted": True}
 
+    async def list_endpoints(self, server: Server) -> dict[str, Any]:
+        """The server's endpoints, by name."""
+        found = await self._db(route_store.list_endpoints, server.id)
+        return {"endpoints": [endpoint_data(e) for e in found]}
+
+    async def add_endpoint(self, server: Server, request: IRequest, body: bytes) -> dict[str, Any]:
+        """Add an endpoint to the server; 201 with it, and its address in Location; 409 if the name is
+        taken."""
+        given = parse_endpoint_input(body)
+        try:
+            endpoint = await self._db(_add_endpoint, server.id, given, self.clock.seconds())
+        except AlreadyExists as e:
+            raise ManageError(409, "EndpointExists", str(e), "name") from None
+        request.setHeader(b"location", f"/api/v2/endpoints/{endpoint.uuid}".encode("ascii"))  # type: ignore[no-untyped-call]
+        return endpoint_data(endpoint)
+
+    async def get_endpoint(self, server: Server, ref: str) -> dict[str, Any]:
+        try:
+            endpoint = await self._db(_find_endpoint, server.id, ref)
+        except StoreNotFound:
+            raise endpoint_not_found(ref) from None
+        return endpoint_data(endpoint)
+
+    async def remove_endpoint(self, server: Server, ref: str) -> dict[str, Any]:
+        """Delete an endpoint; a route in Endpoint mode left with none turns to Reject."""
+        try:
+            endpoint = await self._db(_remove_endpoint, server.id, ref, self.clock.seconds())
+        except StoreNotFound:
+            raise endpoint_not_found(ref) from None
+        return {"id": endpoint.id, "uuid": endpoint.uuid, "name": endpoint.name, "deleted": True}
+
+    async def list_routes(self, server: Server) -> dict[str, Any]:
+        """The server's routes, by domain and name."""
+        found = await self._db(route_store.list_routes, server.id)
+        return {"routes": [route_data(r) for r in found]}
+
+    async def add_route(self, server: Server, request: IRequest, body: bytes) -> dict[str, Any]:
+        """Add a route to the server; 201 with it, and its address in Location; 409 if the address has a
+        route already (of any server)."""
+        given = parse_route_input(body)
+        try:
+            route = await self._db(_add_route, server.id, given, self.clock.seconds())
+        except AlreadyExists as e:
+            raise ManageError(409, "RouteExists", str(e), "address") from None
+        request.setHeader(b"location", f"/api/v2/routes/{route.uuid}".encode("ascii"))  # type: ignore[no-untyped-call]
+        return route_data(route)
+
+    async def get_route(self, server: Server, ref: str) -> dict[str, Any]:
+        try:
+            route = await self._db(_find_route, server.id, ref)
+        except StoreNotFound:
+            raise route_not_found(ref) from None
+        return route_data(route)
+
+    async def remove_route(self, server: Server, ref: str) -> dict[str, Any]:
+        try:
+            route = await self._db(_remove_route, server.id, ref)
+        except StoreNotFound:
+            raise route_not_found(ref) from None
+        return {"id": route.id, "uuid": route.uuid, "address": route.address, "deleted": True}
+
     async def _export_suppressions(self, request: IRequest) -> bytes:
         """The whole list as JSON lines or CSV, written a chunk at a time as it is read.
 
@@ -928,7 +1243,8 @@ class ManageAPI:
             data = await action(server)
         except ManageError as e:
             return self._error(request, e)
-        except (WebhookError, SuppressionError) as e:
+        except FieldError as e:
+            # Every store's bad input (webhooks, suppressions, routes) names its field.
             return self._error(request, bad_input(e.field, e.message))
         except CancelledError:
             # Klein cancels the handler when the client goes away: nobody is left to answer.

@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtad.store.routes import (
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    MIN_TIMEOUT,
+    Encoding,
+    EndpointKind,
+    Format,
+    RouteMode,
+    SpamMode,
+    TLSMode,
+)
 from mtad.store.suppressions import MAX_PER_PAGE, SuppressionSource
 from mtad.store.webhooks import WEBHOOK_EVENTS
 
@@ -119,6 +130,126 @@ _SUPPRESSION_FILTERS: list[dict[str, Any]] = [
 _SUPPRESSION_ANSWER: dict[str, Any] = {
     "application/json": {"schema": {"$ref": "#/components/schemas/Suppression"}}
 }
+
+
+_ENDPOINT_KINDS = [k.value for k in EndpointKind]
+
+_ENDPOINT_REF: dict[str, Any] = {
+    "name": "endpoint_ref",
+    "in": "path",
+    "required": True,
+    "description": "The endpoint's uuid or name (matched first), or its id.",
+    "schema": {"type": "string", "minLength": 1},
+}
+
+_ROUTE_REF: dict[str, Any] = {
+    "name": "route_ref",
+    "in": "path",
+    "required": True,
+    "description": (
+        "The route's uuid, forwarding token or address (`local@domain`, `*@domain`, `__returnpath__`; "
+        "matched first), or its id."
+    ),
+    "schema": {"type": "string", "minLength": 1},
+}
+
+_ENDPOINT_ANSWER: dict[str, Any] = {"application/json": {"schema": {"$ref": "#/components/schemas/Endpoint"}}}
+
+_ROUTE_ANSWER: dict[str, Any] = {"application/json": {"schema": {"$ref": "#/components/schemas/Route"}}}
+
+_ROUTE_ADDRESS_DESCRIPTION = (
+    "`local@domain` (letters, digits, hyphens and dots; `local+tag@domain` is matched by `local`), "
+    "`*@domain` for the whole domain, or `__returnpath__`: the server's return-path route. The domain must "
+    "be a verified domain of the server or of its organization; one route per address across all servers."
+)
+
+
+def _deleted(description: str, *fields: str) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "id": {"type": "integer"},
+        "uuid": {"type": "string"},
+        "name": {"type": "string"},
+        "address": {"type": "string"},
+    }
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": [*fields, "deleted"],
+                    "properties": {
+                        **{f: properties[f] for f in fields},
+                        "deleted": {"type": "boolean", "const": True},
+                    },
+                }
+            }
+        },
+    }
+
+
+def _http_endpoint_input() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["kind", "name", "url"],
+        "additionalProperties": False,
+        "properties": {
+            "kind": {"const": "HTTP"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 255},
+            "url": {"type": "string", "description": _URL_DESCRIPTION},
+            "encoding": {"type": "string", "enum": [e.value for e in Encoding], "default": "BodyAsJSON"},
+            "format": {"type": "string", "enum": [f.value for f in Format], "default": "Hash"},
+            "strip_replies": {"type": "boolean", "default": False},
+            "include_attachments": {"type": "boolean", "default": True},
+            "timeout": {
+                "type": "integer",
+                "minimum": MIN_TIMEOUT,
+                "maximum": MAX_TIMEOUT,
+                "default": DEFAULT_TIMEOUT,
+                "description": "Seconds.",
+            },
+        },
+    }
+
+
+def _smtp_endpoint_input() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["kind", "name", "hostname"],
+        "additionalProperties": False,
+        "properties": {
+            "kind": {"const": "SMTP"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 255},
+            "hostname": {"type": "string", "description": "A host name or IPv4 address."},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 25},
+            "tls_mode": {
+                "type": "string",
+                "enum": [t.value for t in TLSMode],
+                "default": "Auto",
+                "description": (
+                    "None: in the clear; Auto: STARTTLS if offered, unverified; STARTTLS: required, "
+                    "certificate and host name verified; TLS: implicit TLS, verified."
+                ),
+            },
+        },
+    }
+
+
+def _address_endpoint_input() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["kind", "name", "address"],
+        "additionalProperties": False,
+        "properties": {
+            "kind": {"const": "Address"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 255},
+            "address": {
+                "type": "string",
+                "maxLength": 320,
+                "description": "Forwarded to this address, the envelope sender rewritten by SRS.",
+            },
+        },
+    }
 
 
 def _one(action: str, effect: str) -> dict[str, Any]:
@@ -240,6 +371,21 @@ OPENAPI: dict[str, Any] = {
                 "added by hard bounces saying the mailbox does not exist, by soft failures in a row, by "
                 "spam complaints and by hand; each expires after the configured days (`[suppression]`) "
                 "unless it never does (complaints and unsubscribes by default)."
+            ),
+        },
+        {
+            "name": "endpoints",
+            "description": (
+                "Where the server's incoming mail is handed: an HTTP URL (the message POSTed, signed like "
+                "webhooks), an SMTP server, or an address it is forwarded to."
+            ),
+        },
+        {
+            "name": "routes",
+            "description": (
+                "The incoming addresses the server accepts mail for, and what is done with it: delivered to "
+                "its endpoints (each gets its own copy), accepted and kept, held, bounced, or rejected at "
+                "RCPT. Each route also has a forwarding address, `<token>@<route domain>`."
             ),
         },
     ],
@@ -600,6 +746,159 @@ OPENAPI: dict[str, Any] = {
                 },
             },
         },
+        "/api/v2/endpoints": {
+            "get": {
+                "operationId": "listEndpoints",
+                "summary": "List endpoints",
+                "description": "The server's endpoints, by name.",
+                "tags": ["endpoints"],
+                "responses": {
+                    "200": {
+                        "description": "The endpoints.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["endpoints"],
+                                    "properties": {
+                                        "endpoints": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Endpoint"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_COMMON_ERRORS,
+                },
+            },
+            "post": {
+                "operationId": "addEndpoint",
+                "summary": "Add an endpoint",
+                "description": "An endpoint of `kind` HTTP, SMTP or Address, with its kind's fields only.",
+                "tags": ["endpoints"],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewEndpoint"}}},
+                },
+                "responses": {
+                    "201": {
+                        "description": "The endpoint made; `Location` is its address.",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": _ENDPOINT_ANSWER,
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "409": {"$ref": "#/components/responses/Conflict"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+        "/api/v2/endpoints/{endpoint_ref}": {
+            "get": {
+                "operationId": "getEndpoint",
+                "summary": "One endpoint",
+                "tags": ["endpoints"],
+                "parameters": [_ENDPOINT_REF],
+                "responses": {
+                    "200": {"description": "The endpoint.", "content": _ENDPOINT_ANSWER},
+                    "404": {"$ref": "#/components/responses/EndpointNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "delete": {
+                "operationId": "removeEndpoint",
+                "summary": "Delete an endpoint",
+                "description": (
+                    "Routes lose it; a route in Endpoint mode left with no endpoint turns to Reject, so its "
+                    "mail is refused rather than accepted for nowhere."
+                ),
+                "tags": ["endpoints"],
+                "parameters": [_ENDPOINT_REF],
+                "responses": {
+                    "200": _deleted("The endpoint was deleted.", "id", "uuid", "name"),
+                    "404": {"$ref": "#/components/responses/EndpointNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+        "/api/v2/routes": {
+            "get": {
+                "operationId": "listRoutes",
+                "summary": "List routes",
+                "description": "The server's routes, by domain and name.",
+                "tags": ["routes"],
+                "responses": {
+                    "200": {
+                        "description": "The routes.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["routes"],
+                                    "properties": {
+                                        "routes": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Route"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_COMMON_ERRORS,
+                },
+            },
+            "post": {
+                "operationId": "addRoute",
+                "summary": "Add a route",
+                "description": (
+                    "Endpoint mode needs one or more of the server's endpoints; the other modes take none. A "
+                    "wildcard or return-path route takes HTTP endpoints only; a server has one return-path "
+                    "route."
+                ),
+                "tags": ["routes"],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewRoute"}}},
+                },
+                "responses": {
+                    "201": {
+                        "description": "The route made; `Location` is its address.",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": _ROUTE_ANSWER,
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "409": {"$ref": "#/components/responses/Conflict"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+        "/api/v2/routes/{route_ref}": {
+            "get": {
+                "operationId": "getRoute",
+                "summary": "One route",
+                "tags": ["routes"],
+                "parameters": [_ROUTE_REF],
+                "responses": {
+                    "200": {"description": "The route.", "content": _ROUTE_ANSWER},
+                    "404": {"$ref": "#/components/responses/RouteNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "delete": {
+                "operationId": "removeRoute",
+                "summary": "Delete a route",
+                "description": "Mail for its address is no longer accepted (unless another route matches).",
+                "tags": ["routes"],
+                "parameters": [_ROUTE_REF],
+                "responses": {
+                    "200": _deleted("The route was deleted.", "id", "uuid", "address"),
+                    "404": {"$ref": "#/components/responses/RouteNotFound"},
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
     },
     "components": {
         "securitySchemes": {
@@ -853,6 +1152,117 @@ OPENAPI: dict[str, Any] = {
                     },
                 ],
             },
+            "Endpoint": {
+                "type": "object",
+                "description": "Every field of every kind; those not of its kind are null.",
+                "required": [
+                    "id",
+                    "uuid",
+                    "kind",
+                    "name",
+                    "url",
+                    "encoding",
+                    "format",
+                    "strip_replies",
+                    "include_attachments",
+                    "timeout",
+                    "hostname",
+                    "port",
+                    "tls_mode",
+                    "address",
+                ],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "uuid": {"type": "string", "format": "uuid"},
+                    "kind": {"type": "string", "enum": _ENDPOINT_KINDS},
+                    "name": {"type": "string"},
+                    "url": {"type": ["string", "null"], "description": "HTTP."},
+                    "encoding": {"enum": [*(e.value for e in Encoding), None], "description": "HTTP."},
+                    "format": {"enum": [*(f.value for f in Format), None], "description": "HTTP."},
+                    "strip_replies": {"type": ["boolean", "null"], "description": "HTTP."},
+                    "include_attachments": {"type": ["boolean", "null"], "description": "HTTP."},
+                    "timeout": {"type": ["integer", "null"], "description": "HTTP: seconds."},
+                    "hostname": {"type": ["string", "null"], "description": "SMTP."},
+                    "port": {"type": ["integer", "null"], "description": "SMTP."},
+                    "tls_mode": {"enum": [*(t.value for t in TLSMode), None], "description": "SMTP."},
+                    "address": {"type": ["string", "null"], "description": "Address."},
+                },
+            },
+            "NewEndpoint": {
+                "description": "An endpoint of one kind: `kind`, `name` and the fields of that kind only.",
+                "oneOf": [_http_endpoint_input(), _smtp_endpoint_input(), _address_endpoint_input()],
+            },
+            "Route": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "uuid",
+                    "address",
+                    "name",
+                    "domain",
+                    "mode",
+                    "spam_mode",
+                    "token",
+                    "endpoints",
+                ],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "uuid": {"type": "string", "format": "uuid"},
+                    "address": {
+                        "type": "string",
+                        "description": "`name@domain` (`*@domain`: the whole domain), or `__returnpath__`.",
+                    },
+                    "name": {"type": "string", "description": "The local part, `*` or `__returnpath__`."},
+                    "domain": {"type": ["string", "null"], "description": "Null for the return-path route."},
+                    "mode": {"type": "string", "enum": [m.value for m in RouteMode]},
+                    "spam_mode": {"type": "string", "enum": [m.value for m in SpamMode]},
+                    "token": {
+                        "type": "string",
+                        "description": "Its forwarding address is `<token>@<route domain>`.",
+                    },
+                    "endpoints": {
+                        "type": "array",
+                        "description": "In order; each gets its own copy of every message.",
+                        "items": {
+                            "type": "object",
+                            "required": ["uuid", "name", "kind"],
+                            "properties": {
+                                "uuid": {"type": "string", "format": "uuid"},
+                                "name": {"type": "string"},
+                                "kind": {"type": "string", "enum": _ENDPOINT_KINDS},
+                            },
+                        },
+                    },
+                },
+            },
+            "NewRoute": {
+                "type": "object",
+                "required": ["address"],
+                "additionalProperties": False,
+                "properties": {
+                    "address": {"type": "string", "description": _ROUTE_ADDRESS_DESCRIPTION},
+                    "mode": {
+                        "type": "string",
+                        "enum": [m.value for m in RouteMode],
+                        "default": "Endpoint",
+                        "description": (
+                            "Endpoint: deliver to its endpoints; Accept: keep; Hold: hold; Bounce: accept, "
+                            "then send the sender a DSN; Reject: refuse at RCPT (550 5.7.1)."
+                        ),
+                    },
+                    "spam_mode": {
+                        "type": "string",
+                        "enum": [m.value for m in SpamMode],
+                        "default": "Mark",
+                        "description": "Mark: add the X-Postal-Spam headers; Quarantine: hold; Fail: refuse.",
+                    },
+                    "endpoints": {
+                        "type": ["array", "null"],
+                        "items": {"type": "string", "minLength": 1},
+                        "description": "Names or uuids of the server's endpoints, in order (Endpoint mode).",
+                    },
+                },
+            },
             "Error": {
                 "type": "object",
                 "required": ["error"],
@@ -872,6 +1282,10 @@ OPENAPI: dict[str, Any] = {
                                     "NotHeld",
                                     "WebhookNotFound",
                                     "SuppressionNotFound",
+                                    "EndpointNotFound",
+                                    "RouteNotFound",
+                                    "EndpointExists",
+                                    "RouteExists",
                                     "NotFound",
                                     "MethodNotAllowed",
                                     "QueueUnavailable",
@@ -933,6 +1347,21 @@ OPENAPI: dict[str, Any] = {
             },
             "SuppressionNotFound": {
                 "description": "The address is not on the server's suppression list (or its entry expired).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "EndpointNotFound": {
+                "description": "The server has no such endpoint: deleted, another server's, or never made.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "RouteNotFound": {
+                "description": "The server has no such route: deleted, another server's, or never made.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "Conflict": {
+                "description": (
+                    "EndpointExists: the server has an endpoint of that name. RouteExists: the address has a "
+                    "route already (of this server or another), or the server has a return-path route."
+                ),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             },
             "Unavailable": {

@@ -394,14 +394,12 @@ def add_route(
     spam: SpamMode = _choice(SpamMode, spam_mode, "spam_mode")
     chosen = [get_endpoint(conn, server_id, e) for e in dict.fromkeys(endpoints_)]
     if route_mode is RouteMode.ENDPOINT and not chosen:
-        raise RouteError("endpoints", "a route in Endpoint mode needs at least one endpoint")
+        raise RouteError("endpoints", "`endpoints`: a route in Endpoint mode needs at least one endpoint")
     if route_mode is not RouteMode.ENDPOINT and chosen:
-        raise RouteError("endpoints", f"a route in {route_mode} mode takes no endpoints")
+        raise RouteError("endpoints", f"`endpoints`: a route in {route_mode} mode takes no endpoints")
     if name in (WILDCARD, RETURN_PATH) and any(e.kind is not EndpointKind.HTTP for e in chosen):
-        raise RouteError(
-            "endpoints",
-            f"a {'wildcard' if name == WILDCARD else 'return-path'} route takes HTTP endpoints only",
-        )
+        which = "wildcard" if name == WILDCARD else "return-path"
+        raise RouteError("endpoints", f"`endpoints`: a {which} route takes HTTP endpoints only")
     domain_id = None
     if domain is None:
         taken = conn.execute(
@@ -420,7 +418,9 @@ def add_route(
             .order_by(domains.c.server_id.is_(None), domains.c.id)
         ).first()
         if owned is None:
-            raise RouteError("address", f"{domain} is not a verified domain of {server.full_permalink}")
+            raise RouteError(
+                "address", f"`address`: {domain} is not a verified domain of {server.full_permalink}"
+            )
         domain_id = owned.id
         taken = conn.execute(
             sa.select(routes.c.server_id).where(routes.c.domain == domain, routes.c.name == name)
