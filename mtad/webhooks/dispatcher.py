@@ -163,6 +163,10 @@ class WebhookDispatcher(Service):
             self._receivers[request.receiver] -= 1
             if not self._receivers[request.receiver]:
                 del self._receivers[request.receiver]
+            # A place is free: claim again now rather than after the poll interval, or a receiver with a
+            # backlog would get its share of places only once per interval.
+            if self._waiting is not None and not self._waiting.called:
+                self._waiting.cancel()
             if isinstance(result, Failure):
                 # The lease expires and the request is tried again, by this process or another.
                 self.log.failure("webhook request {uuid} failed", result, uuid=request.uuid)

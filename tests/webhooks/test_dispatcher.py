@@ -255,3 +255,40 @@ class ReceiverFairnessTests(DispatcherTestCase):
     def setUp(self) -> Any:
         self.reactor: Any = real_reactor()
         return super().setUp()
+
+
+class ManualSender:
+    """A sender whose POSTs finish when the test says so."""
+
+    timeout = 5.0
+    per_receiver = 4
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Outcome]] = []
+
+    def post(self, url: str, body: bytes, *, start_by: float | None = None) -> Deferred[Outcome]:
+        d: Deferred[Outcome] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class WakeTests(DispatcherTestCase):
+    async def test_a_finished_request_makes_room_at_once(self) -> None:
+        """With a receiver's share in flight the loop waits; a request finishing wakes it to claim the
+        next one then, not a poll interval later (one receiver's backlog would go at 4 per interval)."""
+        await self.queue_requests("https://hooks.example.com/a", 10)
+        sender = ManualSender()
+        dispatcher = WebhookDispatcher(
+            self.clock, self.queue, self.database, sender, DispatchSettings(poll_interval=60.0)
+        )
+        dispatcher.startService()
+        self.addCleanup(dispatcher.stopService)
+        await until(real_reactor(), lambda: len(sender.pending) == 4)
+        for n in range(6):
+            sender.pending[n].callback(Outcome())
+            await until(real_reactor(), lambda n=n: len(sender.pending) == 5 + n)  # type: ignore[misc]
+        self.assertEqual(self.clock.seconds(), NOW)  # no poll interval passed
+        for d in sender.pending[6:]:
+            d.callback(Outcome())
+        await until(real_reactor(), lambda: not dispatcher._in_flight)
+        self.assertEqual(dispatcher.sent, 10)
