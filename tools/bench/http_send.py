@@ -241,6 +241,7 @@ def mtad_config(
     delivery: bool = True,
     redis_url: str = "",
     database_url: str = "",
+    webhook: bool = False,
 ) -> dict[str, Any]:
     """The relay benchmark's process configuration: fake DNS, sink; embedded Redis and SQLite by default.
 
@@ -255,6 +256,7 @@ def mtad_config(
         sink_port=sink_port,
         redis_url=redis_url,
         database_url=database_url,
+        webhook=webhook,
     )
     config["delivery"]["enabled"] = delivery
     return config
@@ -288,6 +290,8 @@ class HttpSystem:
     sink: ManagedProcess | None = None
     sink_kind: str = ""
     database: Path | None = None
+    #: With ``--webhook``: the receiver every event of the server is POSTed to.
+    webhook_receiver: mtad_system.WebhookReceiver | None = None
 
     @property
     def base_url(self) -> str:
@@ -299,7 +303,8 @@ class HttpSystem:
         return report
 
     def wait_drained(self, timeout: float = 300.0) -> float:
-        """Wait until nothing is due or leased; the seconds it took."""
+        """Wait until nothing is due or leased; the seconds it took. (Not the webhook queue: its backlog
+        carries on into the next phase, as it would in production.)"""
         started = time.monotonic()
         while True:
             queue = self.status()["queue"]
@@ -327,6 +332,7 @@ class HttpSystem:
             "mtad": of(self.mtad, self.worker, self.redis),
             "api": of(self.mtad),
             "sink": of(self.sink),
+            "webhook": of(self.webhook_receiver.process if self.webhook_receiver is not None else None),
         }
 
     def stop(self) -> None:
@@ -336,6 +342,7 @@ class HttpSystem:
             (self.redis, 30),
             (self.sink, 10),
             (self.dns, 10),
+            (self.webhook_receiver.process if self.webhook_receiver is not None else None, 10),
         ):
             if process is not None:
                 process.stop(timeout)
@@ -374,8 +381,13 @@ def choose_sink(requested: str) -> str:
     return "smtp-sink" if os.geteuid() == 0 else "python"
 
 
-def start_system(workdir: Path, sink_kind: str, delivery: bool = True, split: bool = False) -> HttpSystem:
+def start_system(
+    workdir: Path, sink_kind: str, delivery: bool = True, split: bool = False, webhook: bool = False
+) -> HttpSystem:
     """Configure and start mtad, fake DNS and sink in ``workdir`` (wiped first, logs kept).
+
+    ``webhook``: also a webhook receiver on 127.0.0.1 (`mtad_system.start_webhook_receiver`, checking both
+    signatures against the daemon's key) and a webhook of the server for every event to it.
 
     ``split``: the scale-out deployment of DESIGN.md (roles): the process under load only accepts, and a
     second process on the same Redis (started here, with the embedded Redis's durable settings) and the
@@ -398,8 +410,19 @@ def start_system(workdir: Path, sink_kind: str, delivery: bool = True, split: bo
             system.redis = holder.redis
             shared["database_url"] = f"sqlite:///{system.database}"
         config = mtad_config(
-            data_dir, smtp_port, system.http_port, dns_address, sink_port, delivery and not split, **shared
+            data_dir,
+            smtp_port,
+            system.http_port,
+            dns_address,
+            sink_port,
+            delivery and not split,
+            webhook=webhook,
+            **shared,
         )
+        if webhook and split:
+            # Every process must sign with the installation's one key (receivers pin one).
+            shared_key = str(data_dir / "signing.key")
+            config["webhooks"]["signing_key"] = shared_key
         config_path.write_text(to_toml(config))
         _cli(workdir, config_path, "initialize")
         _cli(workdir, config_path, "make-organization", "bench")
@@ -409,6 +432,11 @@ def start_system(workdir: Path, sink_kind: str, delivery: bool = True, split: bo
         if match is None:
             raise MtadStartFailed(f"no API key in: {output}")
         system.api_key = match.group(1)
+        if webhook:
+            system.webhook_receiver = mtad_system.start_webhook_receiver(
+                workdir, verify_key=data_dir / "signing.key"
+            )
+            mtad_system.add_webhook(workdir, config_path, "bench/api", system.webhook_receiver.url)
         txt = published_txt(_cli(workdir, config_path, "add-domain", "bench/api", SENDER_DOMAIN))
         zone_path = workdir / "zone.json"
         zone_path.write_text(json.dumps(bench_zone(SINK_HOST, txt), indent=2))
@@ -433,8 +461,17 @@ def start_system(workdir: Path, sink_kind: str, delivery: bool = True, split: bo
             worker_smtp, worker_http = free_port("127.0.0.1"), free_port("127.0.0.1")
             worker_dir = mtad_system.data_dir(workdir, 1)
             worker_config = mtad_config(
-                worker_dir, worker_smtp, worker_http, dns_address, sink_port, delivery, **shared
+                worker_dir,
+                worker_smtp,
+                worker_http,
+                dns_address,
+                sink_port,
+                delivery,
+                webhook=webhook,
+                **shared,
             )
+            if webhook:
+                worker_config["webhooks"]["signing_key"] = shared_key
             worker_path = workdir / "worker.toml"
             worker_path.write_text(to_toml(worker_config))
             system.worker = ManagedProcess(
@@ -545,10 +582,16 @@ class RunResult:
     fixed_cpu: dict[str, float]
     statuses: dict[str, int]
     drain_seconds: float
+    #: With a webhook: requests the receiver got, ``MessageSent`` among them, and how many verified.
+    webhooks: dict[str, int] | None = None
 
 
-def measure(args: argparse.Namespace, workdir: Path, run: int, profile: bool) -> RunResult:
-    system = start_system(workdir, choose_sink(args.sink), delivery=args.delivery, split=args.split)
+def measure(
+    args: argparse.Namespace, workdir: Path, run: int, profile: bool, webhook: bool = False
+) -> RunResult:
+    system = start_system(
+        workdir, choose_sink(args.sink), delivery=args.delivery, split=args.split, webhook=webhook
+    )
     try:
         body_path = workdir / "body.json"
         body_path.write_bytes(request_body(args.size))
@@ -603,9 +646,38 @@ def measure(args: argparse.Namespace, workdir: Path, run: int, profile: bool) ->
                 f"fixed-rate phase: {fixed['succeeded']} of {fixed['requests']}, errors {fixed['errors']} "
                 f"{fixed['first_error']}"
             )
-        return RunResult(full, full_cpu, fixed, fixed_cpu, statuses, drain)
+        webhooks = None
+        if system.webhook_receiver is not None:
+            webhooks = wait_for_webhooks(
+                system.webhook_receiver, statuses.get("Sent", 0) if args.delivery else 0, args.webhook_wait
+            )
+        return RunResult(full, full_cpu, fixed, fixed_cpu, statuses, drain, webhooks)
     finally:
         system.stop()
+
+
+def wait_for_webhooks(
+    receiver: mtad_system.WebhookReceiver, sent: int, timeout: float = 30.0
+) -> dict[str, int]:
+    """Wait up to ``timeout`` s for the receiver to hold a ``MessageSent`` for each of ``sent`` messages;
+    what it got (``missing``: still queued in mtad then). Fails when a request came without valid
+    signatures."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = receiver.read()
+        message_sent = {line.get("uuid") for line in lines if line.get("event") == "MessageSent"}
+        if len(message_sent) >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    found = {
+        "requests": len(lines),
+        "message_sent": len(message_sent),
+        "verified": sum(1 for line in lines if line.get("valid")),
+        "missing": max(0, sent - len(message_sent)),
+    }
+    if found["verified"] != len(lines):
+        raise RuntimeError(f"{sent} messages Sent, webhook receiver got {found}")
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -650,7 +722,15 @@ def describe(run: int, r: RunResult, seconds: Mapping[str, float]) -> str:
             f"p99 {f.get('connection_wait_p99_ms', float('nan')):.1f} ms; CPU mtad "
             f"{share(r.fixed_cpu, 'mtad', rate_seconds)} (accepting process "
             f"{share(r.fixed_cpu, 'api', rate_seconds)}), sink {share(r.fixed_cpu, 'sink', rate_seconds)}",
-            f"       SQL: {r.statuses}; drain {r.drain_seconds:.1f} s",
+            f"       SQL: {r.statuses}; drain {r.drain_seconds:.1f} s"
+            + (
+                f"; webhooks {r.webhooks['requests']} received ({r.webhooks['message_sent']} MessageSent, "
+                f"{r.webhooks['missing']} not yet, "
+                f"{r.webhooks['verified']} verified), receiver CPU "
+                f"{share(r.full_cpu, 'webhook', full_seconds)} at full load"
+                if r.webhooks is not None
+                else ""
+            ),
         ]
     )
 
@@ -664,6 +744,14 @@ def medians(results: Sequence[RunResult]) -> dict[str, float]:
         "fixed_p99_ms": statistics.median(r.fixed["p99_ms"] for r in results),
         "fixed_max_ms": statistics.median(r.fixed["max_ms"] for r in results),
     }
+
+
+def _summary_line(summary: Mapping[str, float], rate: float) -> str:
+    return (
+        f"full load {summary['full_rate']:.0f} req/s (wrk p50 {summary['full_p50_ms']:.1f} ms, p99 "
+        f"{summary['full_p99_ms']:.1f} ms); at {rate:g}/s p50 {summary['fixed_p50_ms']:.1f} ms, p99 "
+        f"{summary['fixed_p99_ms']:.1f} ms"
+    )
 
 
 def ensure_wrk() -> bool:
@@ -712,6 +800,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="accept in the measured process and sign + deliver in a second process on the same Redis "
         "and database (the scale-out deployment)",
     )
+    parser.add_argument(
+        "--webhook",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["off", "on", "both"],
+        help="a webhook for every event to a receiver on 127.0.0.1 (on); both: each run measures without "
+        "and with, one after the other, and the ratio is printed",
+    )
+    parser.add_argument(
+        "--webhook-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait at the end of a run for the webhooks still queued (those missing are reported)",
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", type=Path, help="write every measurement and the medians here")
@@ -730,19 +833,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"HTTP send benchmark: {machine()}; {args.runs} runs; {args.size}-byte plain_body; full load "
         f"wrk -c{args.connections} {args.full_seconds:g}s; fixed {args.rate:g}/s for {args.rate_seconds:g}s; "
-        f"sink {sink}; delivery {_delivery(args)}; work directory {workdir}",
+        f"sink {sink}; delivery {_delivery(args)}; webhook {args.webhook}; work directory {workdir}",
         flush=True,
     )
     seconds = {"full": args.full_seconds, "fixed": args.rate_seconds}
-    results = []
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.webhook]
+    by_variant: dict[bool, list[RunResult]] = {v: [] for v in variants}
     try:
         for run in range(1, args.runs + 1):
-            result = measure(args, workdir / f"run{run}", run, profile=args.profile and run == 1)
-            results.append(result)
-            print(describe(run, result, seconds), flush=True)
+            for webhook in variants:
+                name = f"run{run}" + ("-webhook" if webhook else "")
+                result = measure(
+                    args, workdir / name, run, profile=args.profile and run == 1, webhook=webhook
+                )
+                by_variant[webhook].append(result)
+                if len(variants) > 1:
+                    print(f"{'with' if webhook else 'without'} webhook:", flush=True)
+                print(describe(run, result, seconds), flush=True)
     finally:
         if not args.keep and args.workdir is None and not args.profile:
             shutil.rmtree(workdir, ignore_errors=True)
+    results = by_variant[variants[-1]]
+    if len(variants) > 1:
+        plain, hooked = medians(by_variant[False]), medians(by_variant[True])
+        print(f"without webhook, medians of {args.runs}: {_summary_line(plain, args.rate)}", flush=True)
+        print(f"with webhook, medians of {args.runs}: {_summary_line(hooked, args.rate)}", flush=True)
+        print(
+            "ratio with/without webhook: full load req/s "
+            f"{hooked['full_rate'] / plain['full_rate']:.2f}; wrk p99 "
+            f"{hooked['full_p99_ms'] / plain['full_p99_ms']:.2f}; p99 at {args.rate:g}/s "
+            f"{hooked['fixed_p99_ms'] / plain['fixed_p99_ms']:.2f}",
+            flush=True,
+        )
     summary = medians(results)
     print(
         f"medians of {len(results)}: full load {summary['full_rate']:.0f} req/s (wrk p50 "
@@ -767,6 +889,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "runs": [attrs.asdict(r) for r in results],
                     "medians": summary,
+                    "by_webhook": {
+                        str(v): {"runs": [attrs.asdict(r) for r in rs], "medians": medians(rs)}
+                        for v, rs in by_variant.items()
+                    },
                     "machine": machine(),
                     "args": {k: str(v) for k, v in vars(args).items()},
                 },

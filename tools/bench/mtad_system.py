@@ -63,6 +63,10 @@ HTTP_PORT_OFFSET = 100
 START_TIMEOUT = 60.0
 #: Seconds a twistd may take to drain after SIGTERM (SMTP grace 10 s, in-flight deliveries) before SIGKILL.
 STOP_TIMEOUT = 60.0
+#: ``[webhooks] allowed_networks`` with ``--webhook``: the receiver is on loopback, which the guard refuses.
+WEBHOOK_NETWORK = "127.0.0.0/8"
+#: The benchmark's webhook receiver listens here (``tools.bench.webhooks receive``).
+WEBHOOK_HOST = "127.0.0.1"
 
 
 class MtadStartFailed(RuntimeError):
@@ -88,13 +92,16 @@ def process_config(
     sink_port: int,
     redis_url: str = "",
     database_url: str = "",
+    webhook: bool = False,
 ) -> dict[str, Any]:
     """One twistd process's configuration, as the TOML tables of ``mtad/config.py``.
 
-    ``redis_url``/``database_url`` empty: the embedded Redis and SQLite in ``data_dir``.
+    ``redis_url``/``database_url`` empty: the embedded Redis and SQLite in ``data_dir``. ``webhook``: the
+    SSRF guard lets webhooks go to loopback, where the benchmark's receiver listens (it refuses loopback
+    otherwise).
     """
     host, port = listen
-    return {
+    config: dict[str, Any] = {
         "general": {"hostname": HOSTNAME, "data_dir": str(data_dir)},
         "database": {"url": database_url},
         "redis": {"url": redis_url},
@@ -107,6 +114,9 @@ def process_config(
         },
         "ip_pools": [{"name": "default", "addresses": [{"ip": SOURCE_IP, "hostname": HOSTNAME}]}],
     }
+    if webhook:
+        config["webhooks"] = {"allowed_networks": [WEBHOOK_NETWORK]}
+    return config
 
 
 def process_configs(
@@ -116,6 +126,7 @@ def process_configs(
     nameserver: tuple[str, int],
     sink_port: int,
     shared_redis_url: str,
+    webhook: bool = False,
 ) -> list[dict[str, Any]]:
     """Every process's configuration: process i listens on ``listen[1] + i``; several share one Redis.
 
@@ -133,6 +144,7 @@ def process_configs(
                 sink_port=sink_port,
                 redis_url=shared_redis_url if shared else "",
                 database_url=f"sqlite:///{data_dir(workdir, 0) / 'mtad.sqlite3'}" if shared else "",
+                webhook=webhook,
             )
         )
     return configs
@@ -291,6 +303,70 @@ def redis_ping(socket_path: Path, timeout: float = 1.0) -> bool:
 
 
 @attrs.define
+class WebhookReceiver:
+    """The benchmark's webhook receiver (``python -m tools.bench.webhooks receive``) in its own process.
+
+    It answers every POST with 200 and appends one JSON line per request to ``records`` (receipt time,
+    event, uuid, the envelope's and payload's timestamps, whether the three signature headers were there
+    and, given a key, whether both signatures verify); see ``tools.bench.webhooks``.
+    """
+
+    process: ManagedProcess
+    address: tuple[str, int]
+    records: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address[0]}:{self.address[1]}/webhook"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every request recorded so far (the receiver writes its lines at least every 0.2 s)."""
+        try:
+            text = self.records.read_text()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in text.splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:  # the last line, half written
+                continue
+        return found
+
+    def stop(self) -> None:
+        self.process.stop(10)
+
+
+def start_webhook_receiver(
+    workdir: Path, name: str = "webhook", verify_key: Path | None = None
+) -> WebhookReceiver:
+    """Start a webhook receiver on a free port of 127.0.0.1, recording to ``workdir/<name>.jsonl``.
+
+    ``verify_key``: a PEM key file (the daemon's ``signing.key``, read at the first request, so it may not
+    exist yet) against which the receiver checks both signatures of every request.
+    """
+    address = (WEBHOOK_HOST, free_port(WEBHOOK_HOST))
+    records = workdir / f"{name}.jsonl"
+    argv = [sys.executable, "-m", "tools.bench.webhooks", "receive", "--interface", address[0]]
+    argv += ["--port", str(address[1]), "--records", str(records)]
+    if verify_key is not None:
+        argv += ["--verify-key", str(verify_key)]
+    process = ManagedProcess("webhook receiver", argv, workdir / f"{name}.log")
+    process.start()
+    process.wait_for_port(address, 30)
+    return WebhookReceiver(process, address, records)
+
+
+def add_webhook(workdir: Path, config: Path, server: str, url: str) -> None:
+    """``mtad add-webhook SERVER URL``: every event of ``server`` goes to ``url``."""
+    _run_cli(workdir, config, "add-webhook", server, url, "--name", "bench")
+
+
+@attrs.define
 class MtadSystem:
     """A running mtad: its twistd processes, the shared Redis if any, and the fake DNS server.
 
@@ -303,6 +379,9 @@ class MtadSystem:
     daemons: list[ManagedProcess] = attrs.field(factory=list)
     redis: ManagedProcess | None = None
     dns: ManagedProcess | None = None
+    #: With ``--webhook``: the receiver every event of the relay server is POSTed to (not part of mtad: its
+    #: memory is not counted).
+    webhook_receiver: WebhookReceiver | None = None
 
     def process_roots(self) -> list[int]:
         """Every twistd (its tree holds an embedded Redis) and the shared Redis; not the fake DNS."""
@@ -319,6 +398,8 @@ class MtadSystem:
             self.redis.stop(30)
         if self.dns is not None:
             self.dns.stop(10)
+        if self.webhook_receiver is not None:
+            self.webhook_receiver.stop()
 
 
 def _reset_state(workdir: Path) -> None:
@@ -409,9 +490,18 @@ def _start_redis(system: MtadSystem) -> str:
 
 
 def start_mtad_system(
-    workdir: Path, processes: int, sink: tuple[str, int], listen: tuple[str, int]
+    workdir: Path,
+    processes: int,
+    sink: tuple[str, int],
+    listen: tuple[str, int],
+    webhook: bool = False,
+    name: str = "",
 ) -> MtadSystem:
-    """Start mtad as ``processes`` twistd processes relaying to ``sink``; see ``relay.start_mtad``."""
+    """Start mtad as ``processes`` twistd processes relaying to ``sink``; see ``relay.start_mtad``.
+
+    ``webhook``: also start a webhook receiver (`start_webhook_receiver`) and give the relay server a
+    webhook for every event to it (``mtad add-webhook``), so each message is followed by a signed POST.
+    """
     if processes < 1:
         raise ValueError("processes must be at least 1")
     smtp_addresses = [(listen[0], listen[1] + i) for i in range(processes)]
@@ -419,11 +509,11 @@ def start_mtad_system(
         ensure_port_free(address)
         ensure_port_free(("127.0.0.1", listen[1] + HTTP_PORT_OFFSET + i))
     _reset_state(workdir)
-    system = MtadSystem(f"mtad{processes}", workdir)
+    system = MtadSystem(name or f"mtad{processes}", workdir)
     try:
         nameserver = _start_dns(system, sink[0])
         redis_url = _start_redis(system) if processes > 1 else ""
-        configs = process_configs(workdir, processes, listen, nameserver, sink[1], redis_url)
+        configs = process_configs(workdir, processes, listen, nameserver, sink[1], redis_url, webhook)
         paths = []
         for i, config in enumerate(configs):
             path = workdir / f"process{i}.toml"
@@ -437,6 +527,9 @@ def start_mtad_system(
             workdir, paths[0], "make-credential", "bench/relay", "--type", "SMTP-IP", "--key", RELAY_NETWORK
         )
         _add_sending_domain(paths[0], "bench/relay", SENDER.rpartition("@")[2])
+        if webhook:
+            system.webhook_receiver = start_webhook_receiver(workdir)
+            add_webhook(workdir, paths[0], "bench/relay", system.webhook_receiver.url)
         for i, (path, address) in enumerate(zip(paths, smtp_addresses, strict=True)):
             daemon = ManagedProcess(
                 f"mtad process {i}",

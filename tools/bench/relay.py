@@ -49,7 +49,7 @@ from typing import Protocol
 
 import attrs
 
-from tools.bench.mtad_system import start_mtad_system
+from tools.bench.mtad_system import WebhookReceiver, start_mtad_system
 from tools.bench.postfix import (
     DEFAULT_CACHE,
     PostfixConfig,
@@ -91,7 +91,12 @@ class SystemUnderTest(Protocol):
 
 
 def start_mtad(
-    workdir: Path, processes: int, sink: tuple[str, int], listen: tuple[str, int]
+    workdir: Path,
+    processes: int,
+    sink: tuple[str, int],
+    listen: tuple[str, int],
+    webhook: bool = False,
+    name: str = "",
 ) -> SystemUnderTest:
     """Start mtad for the relay benchmark (implemented in :mod:`tools.bench.mtad_system`).
 
@@ -123,8 +128,12 @@ def start_mtad(
 
     Probes go to the first address. Processes running only SMTP or only delivery are possible
     (``[delivery] enabled``) but the benchmark's "two processes" means two full ones.
+
+    ``webhook`` (``--webhook``): the relay server also has a webhook for every event, POSTed to a receiver
+    on 127.0.0.1 (``tools.bench.webhooks receive``, its own process, not counted in mtad's memory), and
+    ``[webhooks] allowed_networks`` lets the SSRF guard send there.
     """
-    return start_mtad_system(workdir, processes, sink, listen)
+    return start_mtad_system(workdir, processes, sink, listen, webhook=webhook, name=name)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -592,6 +601,70 @@ def report(summaries: Sequence[Summary], baseline_name: str = "postfix") -> str:
 
 
 SYSTEMS = ("postfix", "mtad1", "mtad2")
+#: The name of an mtad system measured with a webhook (``--webhook``): ``mtad1+wh``.
+WEBHOOK_SUFFIX = "+wh"
+
+
+def systems_to_run(systems: Sequence[str], webhook: str) -> list[str]:
+    """The systems measured in each run: ``--webhook on`` gives every mtad a webhook, ``both`` measures
+    each mtad without and then with one (Postfix has no webhooks)."""
+    names: list[str] = []
+    for name in systems:
+        if name == "postfix" or webhook == "off":
+            names.append(name)
+        elif webhook == "on":
+            names.append(name + WEBHOOK_SUFFIX)
+        else:
+            names += [name, name + WEBHOOK_SUFFIX]
+    return names
+
+
+def message_sent(receiver: WebhookReceiver) -> set[str]:
+    """The uuids of the ``MessageSent`` webhooks the receiver has had."""
+    return {line["uuid"] for line in receiver.read() if line.get("event") == "MessageSent"}
+
+
+def wait_for_webhooks(receiver: WebhookReceiver, m: Measurement, before: int, timeout: float = 300.0) -> str:
+    """Wait until the receiver has a ``MessageSent`` for every message delivered in ``m`` (bulk and probes)
+    on top of the ``before`` it had; a line saying how many came and how long after the sink had every
+    message the last one did."""
+    expected = m.delivered + len(m.latencies_ms)
+    ended = time.monotonic()
+    deadline = ended + timeout
+    while True:
+        lines = receiver.read()
+        sent = {line.get("uuid") for line in lines if line.get("event") == "MessageSent"}
+        if len(sent) - before >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    unsigned = sum(1 for line in lines if not line.get("sig"))
+    got = len(sent) - before
+    return (
+        f"  {m.system:<10} {m.mode:<5} webhooks: {got} MessageSent of {expected} delivered "
+        f"({len(lines)} requests in all, {unsigned} without signatures), complete "
+        f"{time.monotonic() - ended:.1f} s after the sink was" + ("" if got >= expected else " -- INCOMPLETE")
+    )
+
+
+def webhook_report(summaries: Sequence[Summary]) -> str:
+    """Each ``mtad…+wh`` summary divided by the same system's summary without webhook, per mode."""
+    plain = {(s.system, s.mode): s for s in summaries}
+    lines = []
+    for s in summaries:
+        if not s.system.endswith(WEBHOOK_SUFFIX):
+            continue
+        base = plain.get((s.system.removesuffix(WEBHOOK_SUFFIX), s.mode))
+        if base is None:
+            continue
+        r = s.ratio(base)
+        lines.append(
+            f"{s.system:<10} {s.mode:<5} {'':>4} {r['accepted_per_second']:>10.2f}"
+            f" {r['delivered_per_second']:>11.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+            f" {r['peak_rss_mib']:>12.2f} {r['peak_pss_mib']:>12.2f}"
+        )
+    if not lines:
+        return ""
+    return "\n".join(["ratio with webhook / without (same system, same mode)", *lines])
 
 
 def start_system(
@@ -605,7 +678,11 @@ def start_system(
         )
         postfix.start()
         return postfix
-    return start_mtad(workdir / name, int(name[-1]), SINK_ADDRESS, ("127.0.0.1", 10027))
+    webhook = name.endswith(WEBHOOK_SUFFIX)
+    base = name.removesuffix(WEBHOOK_SUFFIX)
+    return start_mtad(
+        workdir / name, int(base[-1]), SINK_ADDRESS, ("127.0.0.1", 10027), webhook=webhook, name=name
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -628,6 +705,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write every measurement and summary here")
     parser.add_argument(
         "--postfix-set", action="append", default=[], metavar="KEY=VALUE", help="extra main.cf setting"
+    )
+    parser.add_argument(
+        "--webhook",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["off", "on", "both"],
+        help="give mtad a webhook for every event to a receiver on 127.0.0.1 (on, systems named mtadN+wh);"
+        " both: measure each mtad without and with, and print the ratio",
+    )
+    parser.add_argument(
+        "--webhook-wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait after a measurement for its webhooks (before the next mode runs)",
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -655,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     load = Load(args.messages, args.sessions, args.size, args.probe_interval, args.drain_timeout)
     modes: list[Mode] = [m for m in MODES if m in args.modes.split(",")]
-    systems = [s for s in SYSTEMS if s in args.systems.split(",")]
+    systems = systems_to_run([s for s in SYSTEMS if s in args.systems.split(",")], args.webhook)
     args.cache.mkdir(parents=True, exist_ok=True)
     # Absolute: Postfix rejects relative directories in main.cf.
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))).resolve()
@@ -687,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 try:
                     for mode in modes:
+                        receiver = getattr(system, "webhook_receiver", None)
+                        before = len(message_sent(receiver)) if receiver is not None else 0
                         sink = SmtpSink(install, sink_parent / "dumps")
                         sink.start()
                         try:
@@ -700,6 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             sink.stop()
                         results.setdefault((name, mode), []).append(measurement)
                         print(describe(measurement), flush=True)
+                        if receiver is not None:
+                            # Also keeps a webhook backlog out of the next mode's measurement.
+                            line = wait_for_webhooks(receiver, measurement, before, args.webhook_wait)
+                            print(line, flush=True)
                 finally:
                     system.stop()
     finally:
@@ -710,6 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"medians over {args.runs} run(s):")
     print(report(summaries))
+    hooks = webhook_report(summaries)
+    if hooks:
+        print()
+        print(hooks)
     for name, reason in skipped.items():
         print(f"{name}: skipped ({reason})")
     for failure in failures:
